@@ -1,0 +1,1 @@
+# Hydra config group 'experiment' (a package so that installed wheels carry it).

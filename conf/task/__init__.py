@@ -1,0 +1,1 @@
+# Hydra config group 'task' (a package so that installed wheels carry it).

@@ -1,0 +1,97 @@
+"""The `ssdbench` command: subcommands dispatch to their modules.
+
+`ssdbench run ...` hands every remaining argument to the Hydra application (so all Hydra
+flags work: -m/--multirun, --cfg job, --help, +key=value). Before that, config-group choices
+(model=, task=, ...) are checked against the installed configs so that a typo gets one line
+naming the choices instead of Hydra's traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+
+GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads")
+
+SUBCOMMANDS = {
+    "run": "train one configuration, or sweep many with -m (a Hydra application; see `ssdbench run --help`)",
+    "table": "aggregate the result records under a results directory into a table (terminal, CSV, Markdown)",
+}
+
+
+def available(group: str) -> list[str]:
+    """Config names in conf/<group>/ of the installed package."""
+    folder = resources.files("ssdbench.conf") / group
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_group_choices(args: list[str]) -> str | None:
+    """An error line for the first override that names a config that does not exist, else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    candidates = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # noqa: BLE001 - malformed overrides: let Hydra report them itself
+        return None
+    for o in overrides:
+        group = o.key_or_group.lstrip("+~")
+        if group not in GROUPS or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices = available(group)
+        for v in values:
+            if v not in choices and v != "null":
+                return (f"ssdbench run: unknown {group} '{v}' "
+                        f"(available: {', '.join(choices) or 'none'})")
+    return None
+
+
+def _run(argv: list[str]) -> int:
+    error = check_group_choices(argv)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    from ssdbench import train
+
+    sys.argv = ["ssdbench run", *argv]
+    train.main()
+    if train.FAILED_JOBS:
+        print(f"ssdbench run: {len(train.FAILED_JOBS)} job(s) did not finish ok:", file=sys.stderr)
+        for line in train.FAILED_JOBS:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        sys.exit(_run(argv[1:]))
+
+    parser = argparse.ArgumentParser(
+        prog="ssdbench",
+        description="Synthetic and scaling studies of Mamba-1, Mamba-2 (SSD), Transformer++ and Based.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  ssdbench run task=mqar model=transformerpp\n"
+               "  ssdbench run -m model.d_model=32,64\n  ssdbench table results/default",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.add_parser("run", help=SUBCOMMANDS["run"], add_help=False)
+    from ssdbench import table
+
+    table.add_arguments(sub.add_parser("table", help=SUBCOMMANDS["table"],
+                                       description=SUBCOMMANDS["table"]))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "table":
+        return table.main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

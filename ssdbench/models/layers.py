@@ -1,0 +1,65 @@
+"""Building blocks shared by the mixers: RMSNorm, gated RMSNorm, SwiGLU MLP."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def round_up(n: int, multiple: int) -> int:
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32 for stability under bf16 autocast."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """Mamba-2's output norm: norm(y * silu(z)) (gate before the norm), optionally per group."""
+
+    def __init__(self, d: int, eps: float = 1e-5, group_size: int | None = None):
+        super().__init__(d, eps)
+        self.group_size = group_size or d
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        xf = x.float()
+        if z is not None:
+            xf = xf * F.silu(z.float())
+        shape = xf.shape
+        xg = xf.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xg.reshape(shape) * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Transformer++ MLP: down(silu(gate(x)) * up(x)), no biases.
+
+    The hidden size defaults to 8/3 * d_model (the usual choice that keeps the parameter
+    count of a 4x GELU MLP), rounded up to ``multiple_of``.
+    """
+
+    def __init__(self, d_model: int, hidden: int | None = None, multiple_of: int = 64):
+        super().__init__()
+        hidden = hidden or round_up(int(8 * d_model / 3), multiple_of)
+        self.hidden = hidden
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.down._is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (batch, L, hidden) each
+        return self.down(F.silu(gate) * up)
+
+    def flops_per_token(self) -> int:
+        """Forward multiply-adds x2 of the three projections."""
+        return 2 * 3 * self.gate_up.in_features * self.hidden

@@ -1,0 +1,137 @@
+"""The language-model shell every architecture shares.
+
+token embedding -> n_layers x [x + mixer(norm(x)); x + mlp(norm(x))] -> final RMSNorm -> tied head
+
+A mixer is any module with ``forward(x, seq_idx=None) -> y`` on (batch, L, d_model) tensors
+(``seq_idx`` (batch, L) marks packed documents; mixers must not mix information across them).
+Mixers may also implement ``flops_per_token(seq_len)`` (forward FLOPs that are not in their
+parameter count, e.g. attention's sequence term or SSD's chunk terms) and ``state_size()``
+(recurrent state size in numbers, for recall-vs-state plots).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssdbench.models.layers import RMSNorm
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: mixer, then an optional MLP."""
+
+    def __init__(self, d_model: int, mixer: nn.Module, mlp: nn.Module | None, norm_eps: float):
+        super().__init__()
+        self.norm1 = RMSNorm(d_model, norm_eps)
+        self.mixer = mixer
+        self.norm2 = RMSNorm(d_model, norm_eps) if mlp is not None else None
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x), seq_idx=seq_idx)  # (batch, L, d_model)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    """Embedding, pre-norm blocks, final norm, tied LM head, GPT-style initialisation.
+
+    ``make_mixer(layer_idx)`` and ``make_mlp(layer_idx)`` build each layer's modules; make_mlp
+    may return None for architectures without an MLP (Mamba).
+    """
+
+    arch = "lm"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layers: int,
+        make_mixer: Callable[[int], nn.Module],
+        make_mlp: Callable[[int], nn.Module | None],
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        pad_vocab_multiple: int = 1,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.d_model, self.n_layers = d_model, n_layers
+        # Padding the embedding table to a multiple of 8/64 speeds up the head matmul on GPUs;
+        # logits beyond vocab_size are cut off so padding never changes the loss.
+        self.padded_vocab = ((vocab_size + pad_vocab_multiple - 1) // pad_vocab_multiple) * pad_vocab_multiple
+        self.embedding = nn.Embedding(self.padded_vocab, d_model)
+        self.layers = nn.ModuleList(
+            Block(d_model, make_mixer(i), make_mlp(i), norm_eps) for i in range(n_layers)
+        )
+        self.norm_f = RMSNorm(d_model, norm_eps)
+        self.init_std = init_std
+        self.apply(self._init_weights)
+        # Architectures with their own initialisation (e.g. Mamba's A_log, dt_bias) apply it last.
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_special"):
+                m.init_special()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            # GPT-2: residual output projections are scaled down by 1/sqrt(2 * n_layers) so the
+            # residual stream's variance does not grow with depth.
+            std = self.init_std
+            if getattr(module, "_is_residual_out", False):
+                std = std / math.sqrt(2 * self.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (batch, L) -> logits (batch, L, vocab_size)."""
+        x = self.embedding(input_ids)  # (batch, L, d_model)
+        for layer in self.layers:
+            x = layer(x, seq_idx=seq_idx)
+        x = self.norm_f(x)
+        logits = F.linear(x, self.embedding.weight)  # tied head: (batch, L, padded_vocab)
+        return logits[..., : self.vocab_size]
+
+    # ---- accounting -------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting the tied embedding/head once; non_embedding drops it."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embedding.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token: 2 x every matmul weight (head included) + mixers' sequence terms.
+
+        Training FLOPs are 3x this (backward = 2x forward). Norms, activations and the
+        embedding lookup are not counted (they are not matmuls), as in the Chinchilla and
+        Mamba papers' accounting.
+        """
+        flops = 2 * self.d_model * self.padded_vocab  # LM head
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                flops += 2 * m.in_features * m.out_features
+        for layer in self.layers:
+            if hasattr(layer.mixer, "flops_per_token"):
+                flops += layer.mixer.flops_per_token(seq_len)
+        return int(flops)
+
+    def state_size(self) -> int | None:
+        """Recurrent state size per sequence in numbers, summed over layers (None for attention)."""
+        sizes = [getattr(layer.mixer, "state_size", lambda: None)() for layer in self.layers]
+        return None if any(s is None for s in sizes) else int(sum(sizes))
+
+    def no_weight_decay_params(self) -> set[int]:
+        """ids of parameters AdamW must not decay: norms, biases, embeddings, mixer-marked ones."""
+        skip = set()
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if (p.ndim < 2 or isinstance(module, nn.Embedding) or name == "bias"
+                        or getattr(p, "_no_weight_decay", False)):
+                    skip.add(id(p))
+        return skip

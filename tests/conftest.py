@@ -1,0 +1,29 @@
+"""Test set-up shared by the whole suite.
+
+Triton's interpreter must be chosen before any ``@triton.jit`` decorator runs, so it is set
+here, before test modules import the kernels. On a machine with a GPU the kernels compile
+for real and the same tests run on the device.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The device every kernel test runs on: the GPU when there is one, else the CPU interpreter.
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out - ref‖ / ‖ref‖ in float64; NaN anywhere fails any threshold."""
+    out, ref = out.double(), ref.double()
+    err = (out - ref).norm() / ref.norm().clamp_min(1e-30)
+    return float(err) if torch.isfinite(out).all() else float("inf")

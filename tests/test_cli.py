@@ -1,0 +1,121 @@
+"""End-to-end tests of the `ssdbench` command, each run in a temporary results directory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = ["experiment=mqar_tiny", "progress_bar=false", "trainer=cpu"]
+
+
+def ssdbench(*args, cwd, check=None, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "ssdbench.cli", *args], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    return p
+
+
+def record(path: Path) -> dict:
+    return json.loads((path / "record.json").read_text())
+
+
+def test_help_lists_subcommands(tmp_path):
+    out = ssdbench("--help", cwd=tmp_path, check=0).stdout
+    assert "run" in out and "table" in out
+    out = ssdbench("run", "--help", cwd=tmp_path, check=0).stdout
+    assert "model: transformerpp" in out and "task: mqar" in out
+
+
+def test_single_run_then_sweep_then_table(tmp_path):
+    p = ssdbench("run", *TINY, f"results_dir={tmp_path}", "study=one", cwd=tmp_path, check=0)
+    run_dir = tmp_path / "one" / "experiment=mqar_tiny,trainer=cpu"
+    r = record(run_dir)
+    assert r["status"] == "ok" and r["global_step"] == 50
+    assert r["tokens_seen"] == 50 * 64 * 32
+    assert 0.0 <= r["metrics"]["val/acc"] <= 1.0 and "val/acc/T=32,kv=4" in r["metrics"]
+    assert r["params"]["total"] > r["params"]["non_embedding"] > 0
+    assert r["train_flops"] > 0 and r["config"]["model"]["d_model"] == 64
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert list(run_dir.glob("logs/version_*/metrics.csv"))
+    assert "val/acc" in p.stdout and str(run_dir / "record.json") in p.stdout.replace("\n", "")
+
+    ssdbench("run", "-m", *TINY, f"results_dir={tmp_path}", "study=sweep", "model.d_model=16,32",
+             cwd=tmp_path, check=0)
+    dirs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if (d / "record.json").exists())
+    assert dirs == ["experiment=mqar_tiny,model.d_model=16,trainer=cpu",
+                    "experiment=mqar_tiny,model.d_model=32,trainer=cpu"]
+    out = ssdbench("table", str(tmp_path / "sweep"), cwd=tmp_path, check=0).stdout
+    assert "2 runs" in out
+    table = pd.read_csv(tmp_path / "sweep" / "table.csv")
+    assert sorted(table["model.d_model"]) == [16, 32] and set(table["status"]) == {"ok"}
+    assert "val/acc" in table.columns
+    assert (tmp_path / "sweep" / "table.md").read_text().startswith("|")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=nope"], "unknown model 'nope' (available: transformerpp"),
+    (["-m", "task=mqar,bogus"], "unknown task 'bogus'"),
+    (["trainer=tpu"], "unknown trainer 'tpu'"),
+    (["model.n_heads=5"], "model.d_model"),
+    (["task.vocab_size=32"], "task.vocab_size"),
+    (["task.train_segments=[{input_seq_len:32,num_kv_pairs:9,num_examples:8}]"], "num_kv_pairs"),
+    (["trainer.max_steps=0"], "trainer.max_steps"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, needle):
+    p = ssdbench("run", *TINY, f"results_dir={tmp_path}", *args, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained
+
+
+def test_table_on_missing_dir(tmp_path):
+    p = ssdbench("table", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert p.returncode == 2 and "not a directory" in p.stderr
+
+
+def test_divergence_is_reported(tmp_path):
+    p = ssdbench("run", *TINY, f"results_dir={tmp_path}", "optim.lr=1e30", "optim.warmup_steps=1",
+                 "study=div", cwd=tmp_path)
+    assert p.returncode == 3, p.stderr
+    assert "diverged" in p.stderr and "at step" in p.stderr and "Traceback" not in p.stderr
+    (run_dir,) = [d for d in (tmp_path / "div").iterdir()]
+    r = record(run_dir)
+    assert r["status"] == "diverged" and "at step" in r["error"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
+    args = ["run", *TINY, f"results_dir={tmp_path}", "study=int", "trainer.max_steps=4000",
+            "checkpoint_every=25", "trainer.val_check_interval=1000"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ssdbench.cli", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    run_dir = tmp_path / "int" / "experiment=mqar_tiny,trainer.max_steps=4000,trainer.val_check_interval=1000,trainer=cpu"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.communicate()[0][-3000:]
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, out[-2000:]
+    r = record(run_dir)
+    assert r["status"] == "interrupted", out[-2000:]
+    stopped_at = r["global_step"]
+    assert 0 < stopped_at < 4000
+
+    ssdbench(*args, cwd=tmp_path, check=0)
+    r = record(run_dir)
+    assert r["status"] == "ok" and r["global_step"] == 4000
+    assert r["resumed_from"] == str(ckpt)
+    assert r["tokens_seen"] == 4000 * 64 * 32  # the count survives the resume

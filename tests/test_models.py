@@ -1,0 +1,90 @@
+"""Properties every architecture in the zoo must have: causality, document isolation,
+parameter accounting and weight-decay grouping. New architectures add a constructor to TINY."""
+import random
+
+import pytest
+import torch
+
+from ssdbench.errors import ConfigError
+from ssdbench.lit import SequenceLM, warmup_cosine
+from ssdbench.models.transformerpp import TransformerPP
+
+V = 97
+TINY = {
+    "transformerpp": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4),
+    "transformerpp-gqa": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
+    "transformerpp-nope": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, rope=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_causal(name):
+    """The output at t must not change when inputs after t change."""
+    model = TINY[name]().double().eval()
+    L = random.randint(8, 40)
+    t = random.randrange(1, L - 1)
+    x = torch.randint(0, V, (2, L))
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randint(0, V, (2, L - t - 1))
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    assert y.shape == (2, L, V)
+    torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1])
+    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])  # the change is visible later
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_packed_documents_are_isolated(name):
+    """With seq_idx, each packed document gives the same logits as when run alone."""
+    model = TINY[name]().double().eval()
+    lengths = [random.randint(3, 12) for _ in range(3)]
+    docs = [torch.randint(0, V, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)  # (1, sum(lengths))
+    seq_idx = torch.cat([torch.full((1, n), i, dtype=torch.int32) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        y = model(packed, seq_idx=seq_idx)
+        alone = torch.cat([model(d) for d in docs], dim=1)
+    torch.testing.assert_close(y, alone)
+
+
+def test_transformerpp_param_count_and_flops():
+    m = TransformerPP(50280, d_model=768, n_layers=12, n_heads=12)
+    # embedding (tied) + 12 x (attention 4 d^2 + SwiGLU 3 * d * 2048 + 2 norms) + final norm
+    d = 768
+    expected = 50280 * d + 12 * (4 * d * d + 3 * d * 2048 + 2 * d) + d
+    assert m.num_params() == expected
+    assert m.num_params(non_embedding=True) == expected - 50280 * d
+    T = 2048
+    fwd = 2 * (12 * (4 * d * d + 3 * d * 2048)) + 2 * d * 50280 + 12 * 4 * T * d
+    assert m.flops_per_token(T) == fwd
+
+
+def test_no_weight_decay_groups():
+    m = TINY["transformerpp"]()
+    skip = m.no_weight_decay_params()
+    names = {n for n, p in m.named_parameters() if id(p) in skip}
+    assert "embedding.weight" in names
+    assert all(("norm" in n) or n == "embedding.weight" for n in names)
+    decayed = {n for n, p in m.named_parameters() if id(p) not in skip}
+    assert decayed and all(p.ndim == 2 for n, p in m.named_parameters() if n in decayed)
+    opt = SequenceLM(m).configure_optimizers()["optimizer"]
+    wd = {g["weight_decay"]: sum(p.numel() for p in g["params"]) for g in opt.param_groups}
+    assert wd[0.0] == sum(p.numel() for n, p in m.named_parameters() if n in names)
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 100, 0.01) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.01) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100, 0.01) == pytest.approx(0.01)
+    mid = warmup_cosine(55, 10, 100, 0.01)
+    assert 0.01 < mid < 1.0
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(d_model=30, n_heads=4), "model.d_model"),
+    (dict(d_model=32, n_heads=4, n_kv_heads=3), "model.n_kv_heads"),
+    (dict(d_model=0, n_heads=4), "model.d_model"),
+])
+def test_bad_transformer_config(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        TransformerPP(V, n_layers=1, **kwargs)
