@@ -1,0 +1,333 @@
+"""Causal depthwise conv1d (the short convolution in Mamba-1 and Mamba-2 blocks).
+
+For channel d and width W (2..4):  out[b, d, t] = act(bias[d] + sum_k w[d, k] x[b, d, t - (W-1) + k]),
+so output t sees x[t-W+1 .. t] (zeros before the start). With ``seq_idx`` (batch, L) a tap never
+reaches into a previous packed sequence (Mamba-2 §8.3): x[s] counts only if seq_idx[s] == seq_idx[t].
+
+Two implementations behind one entry point:
+* ``impl="torch"``: F.conv1d with W-1 left padding (or masked shifted taps with seq_idx) + silu,
+  autograd does the backward. Also the float64 oracle of the tests.
+* ``impl="triton"``: one fused kernel forward (taps + bias + silu + seq mask, one read of x, one
+  write), and one fused backward that recomputes the pre-activation instead of saving it and
+  produces dx, dweight and dbias in one pass (dweight/dbias as per-program partial sums,
+  reduced in PyTorch; deterministic, no atomics).
+``impl="auto"`` picks ``AUTO_IMPL`` on CUDA and the PyTorch path elsewhere (the interpreter is
+far slower than F.conv1d on a CPU). Which one is faster on the GPU is settled by
+``ssdbench bench`` (``ssdbench/bench_scan.py --op conv``); set AUTO_IMPL from that table.
+Both accept channel-last inputs (a (batch, L, D) tensor viewed as (batch, D, L)) without copies
+on the Triton path; outputs keep the input's memory layout.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+import triton
+import triton.language as tl
+
+# Default for impl="auto" on CUDA; the lead sets it from the --op conv benchmark.
+AUTO_IMPL = "triton"
+
+_BWD_BLOCK_L = 64  # time tile of the backward
+_BWD_TILES = 8  # tiles per backward program: dweight partials are (L / 512) x D x W, not (L / 64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_pre(x_base, w_ptr, q_base, offs_d, d_mask, offs_t, t_mask, bias,
+              s_xd, s_xl, s_wd, s_wk, s_ql,
+              W: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Pre-activation bias + sum_k w[:, k] x[t-(W-1)+k] on a (BLOCK_D, BLOCK_L) tile, in fp32."""
+    acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32) + bias[:, None]  # (BLOCK_D, BLOCK_L)
+    if HAS_SEQ:
+        q = tl.load(q_base + offs_t * s_ql, mask=t_mask, other=0)  # (BLOCK_L,)
+    for k in tl.static_range(W):
+        s = offs_t - (W - 1) + k  # input position of tap k
+        valid = t_mask & (s >= 0)
+        if HAS_SEQ:
+            qs = tl.load(q_base + s * s_ql, mask=valid, other=0)
+            valid = valid & (qs == q)
+        xk = tl.load(x_base + offs_d[:, None] * s_xd + s[None, :] * s_xl,
+                     mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
+        wk = tl.load(w_ptr + offs_d * s_wd + k * s_wk, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        acc += wk[:, None] * xk
+    return acc
+
+
+@triton.jit
+def _causal_conv1d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, seq_ptr, o_ptr,
+    DIM, L,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol, s_qb, s_ql,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_mask = offs_d < DIM
+    t_mask = offs_t < L
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc = _conv_pre(x_ptr + pid_b * s_xb, w_ptr, seq_ptr + pid_b * s_qb, offs_d, d_mask, offs_t, t_mask,
+                    bias, s_xd, s_xl, s_wd, s_wk, s_ql, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(o_ptr + pid_b * s_ob + offs_d[:, None] * s_od + offs_t[None, :] * s_ol,
+             acc.to(o_ptr.dtype.element_ty), mask=d_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _causal_conv1d_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, seq_ptr, do_ptr, dx_ptr, dw_ptr, db_ptr,
+    DIM, L, n_lchunks,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol, s_dxb, s_dxd, s_dxl, s_qb, s_ql,
+    W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
+    TILES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_l = tl.program_id(1)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_mask = offs_d < DIM
+    offs_k = tl.arange(0, WP)  # (WP,) tap index, padded to a power of two
+    x_base = x_ptr + pid_b * s_xb
+    q_base = seq_ptr + pid_b * s_qb
+    do_base = do_ptr + pid_b * s_ob
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw_acc = tl.zeros([BLOCK_D, WP], dtype=tl.float32)  # (BLOCK_D, WP)
+    db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(TILES):
+        offs_t = (pid_l * TILES + i) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+        t_mask = offs_t < L
+        if HAS_SEQ:
+            q = tl.load(q_base + offs_t * s_ql, mask=t_mask, other=0)
+        dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # (BLOCK_D, BLOCK_L)
+        # x[t] feeds outputs t + j (j = 0..W-1) through tap k = W-1-j; recompute the gradient
+        # at those outputs (pre-activation included) rather than storing it in the forward.
+        for j in tl.static_range(W):
+            tp = offs_t + j  # (BLOCK_L,) output positions
+            tp_mask = tp < L
+            mo = d_mask[:, None] & tp_mask[None, :]
+            g = tl.load(do_base + offs_d[:, None] * s_od + tp[None, :] * s_ol, mask=mo, other=0.0).to(tl.float32)
+            if SILU:
+                pre = _conv_pre(x_base, w_ptr, q_base, offs_d, d_mask, tp, tp_mask, bias,
+                                s_xd, s_xl, s_wd, s_wk, s_ql, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+                sg = tl.sigmoid(pre)
+                g = g * sg * (1.0 + pre * (1.0 - sg))
+            if HAS_SEQ:
+                qp = tl.load(q_base + tp * s_ql, mask=tp_mask, other=0)
+                g_x = tl.where((qp == q)[None, :], g, 0.0)
+            else:
+                g_x = g
+            wk = tl.load(w_ptr + offs_d * s_wd + (W - 1 - j) * s_wk, mask=d_mask, other=0.0).to(tl.float32)
+            dx += wk[:, None] * g_x
+            if j == 0:
+                # Each output t of this tile contributes once to dweight and dbias.
+                db_acc += tl.sum(g, axis=1)
+                for k in tl.static_range(W):
+                    s = offs_t - (W - 1) + k
+                    valid = t_mask & (s >= 0)
+                    if HAS_SEQ:
+                        qs = tl.load(q_base + s * s_ql, mask=valid, other=0)
+                        valid = valid & (qs == q)
+                    xk = tl.load(x_base + offs_d[:, None] * s_xd + s[None, :] * s_xl,
+                                 mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
+                    dwk = tl.sum(g * xk, axis=1)  # (BLOCK_D,)
+                    dw_acc += tl.where((offs_k == k)[None, :], dwk[:, None], 0.0)
+        tl.store(dx_ptr + pid_b * s_dxb + offs_d[:, None] * s_dxd + offs_t[None, :] * s_dxl,
+                 dx.to(dx_ptr.dtype.element_ty), mask=d_mask[:, None] & t_mask[None, :])
+    # Partial sums of this (sequence, time chunk): dw (batch, n_lchunks, D, WP), db (batch, n_lchunks, D).
+    part = pid_b * n_lchunks + pid_l
+    tl.store(dw_ptr + part * DIM * WP + offs_d[:, None] * WP + offs_k[None, :], dw_acc,
+             mask=d_mask[:, None] & (offs_k < W)[None, :])
+    tl.store(db_ptr + part * DIM + offs_d, db_acc, mask=d_mask)
+
+
+_FWD_CONFIGS = ((16, 128, 4), (32, 64, 4), (64, 32, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8))
+_BWD_CONFIGS = ((16, 4), (32, 4), (64, 4), (64, 8))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_fwd():
+    cfgs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=nw) for bd, bl, nw in _FWD_CONFIGS]
+    return triton.autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_fwd_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_bwd():
+    cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=nw) for bd, nw in _BWD_CONFIGS]
+    return triton.autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_bwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks, autograd Function, reference
+# ----------------------------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(x, weight, bias, activation, seq_idx):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise ValueError(f"x: expected a float tensor (batch, D, L), got {getattr(x, 'dtype', type(x))}")
+    if x.dim() != 3:
+        raise ValueError(f"x: expected (batch, D, L), got shape {tuple(x.shape)}")
+    batch, dim, L = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOATS:
+        raise ValueError("weight: expected a float tensor (D, W)")
+    if weight.dim() == 3 and weight.shape[1] == 1:  # nn.Conv1d's (D, 1, W) layout
+        weight = weight[:, 0]
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise ValueError(f"weight: expected (D, W) = ({dim}, W), got shape {tuple(weight.shape)}")
+    if not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight: width W = {weight.shape[1]} is not supported (2..4)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOATS
+                             or tuple(bias.shape) != (dim,)):
+        raise ValueError(f"bias: expected a float tensor of shape ({dim},)")
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+    if seq_idx is not None:
+        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError("seq_idx: expected an int32 tensor of shape (batch, L)")
+        if tuple(seq_idx.shape) != (batch, L):
+            raise ValueError(f"seq_idx: expected shape ({batch}, {L}), got {tuple(seq_idx.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("seq_idx", seq_idx)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: on device {t.device} but x is on {x.device}")
+    return weight
+
+
+class CausalConv1dFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, seq_idx):
+        batch, dim, L = x.shape  # (batch, D, L)
+        W = weight.shape[1]
+        out = torch.empty_like(x)  # keeps a channel-last layout if x has one
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(torch.int32)
+        q = seq_idx if seq_idx is not None else x
+        qs = seq_idx.stride() if seq_idx is not None else (0, 0)
+        args = (x, weight, bias if bias is not None else x, q, out, dim, L,
+                *x.stride(), *weight.stride(), *out.stride(), *qs)
+        kw = dict(W=W, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None)
+        if _interpreting():
+            _causal_conv1d_fwd_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
+                *args, **kw, BLOCK_D=16, BLOCK_L=32)
+        else:
+            grid = lambda m: (batch, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
+            _tuned_fwd()[grid](*args, **kw)
+        ctx.save_for_backward(x, weight, bias, seq_idx)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        batch, dim, L = x.shape
+        W = weight.shape[1]
+        WP = triton.next_power_of_2(W)
+        block_l, tiles = (16, 2) if _interpreting() else (_BWD_BLOCK_L, _BWD_TILES)
+        n_lchunks = triton.cdiv(L, block_l * tiles)
+        dx = torch.empty_like(x)  # (batch, D, L), x's layout
+        dw_part = torch.empty((batch, n_lchunks, dim, WP), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((batch, n_lchunks, dim), device=x.device, dtype=torch.float32)
+        q = seq_idx if seq_idx is not None else x
+        qs = seq_idx.stride() if seq_idx is not None else (0, 0)
+        args = (x, weight, bias if bias is not None else x, q, dout, dx, dw_part, db_part, dim, L, n_lchunks,
+                *x.stride(), *weight.stride(), *dout.stride(), *dx.stride(), *qs)
+        kw = dict(W=W, WP=WP, HAS_BIAS=bias is not None, SILU=ctx.silu, HAS_SEQ=seq_idx is not None,
+                  TILES=tiles, BLOCK_L=block_l)
+        if _interpreting():
+            _causal_conv1d_bwd_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16)
+        else:
+            grid = lambda m: (batch, n_lchunks, triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
+            _tuned_bwd()[grid](*args, **kw)
+        dw = dw_part.sum((0, 1))[:, :W].to(weight.dtype)  # (D, W)
+        db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        return dx, dw, db, None, None
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None, seq_idx=None):
+    """Plain-PyTorch causal depthwise conv1d: F.conv1d with W-1 left padding; with seq_idx the
+    shifted taps are masked where they cross into a previous sequence. Differentiable."""
+    weight = _check(x, weight, bias, activation, seq_idx)
+    batch, dim, L = x.shape
+    W = weight.shape[1]
+    wc = weight.to(x.dtype)
+    bc = bias.to(x.dtype) if bias is not None else None
+    if seq_idx is None:
+        out = F.conv1d(F.pad(x, (W - 1, 0)), wc[:, None, :], bc, groups=dim)  # (batch, D, L)
+    else:
+        xp = F.pad(x, (W - 1, 0))  # (batch, D, L + W - 1)
+        qp = F.pad(seq_idx.to(torch.int64), (W - 1, 0), value=-1)  # (batch, L + W - 1)
+        out = torch.zeros_like(x) if bc is None else bc[None, :, None].expand_as(x).clone()
+        for k in range(W):  # tap k reads x[t - (W-1) + k]
+            same = (qp[:, k:k + L] == seq_idx).to(x.dtype)[:, None, :]  # (batch, 1, L)
+            out = out + wc[None, :, k, None] * xp[:, :, k:k + L] * same
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    return out
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, impl="auto"):
+    """Causal depthwise conv1d. x (batch, D, L) (channel-last strides welcome), weight (D, W) or
+    (D, 1, W) with W in 2..4, bias (D,), activation None or "silu", seq_idx (batch, L) int32.
+
+    impl: "triton" (fused kernels; CUDA or TRITON_INTERPRET=1), "torch" (F.conv1d path) or
+    "auto" (AUTO_IMPL on CUDA, the torch path elsewhere). Returns (batch, D, L) in x's dtype.
+    """
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
+    weight = _check(x, weight, bias, activation, seq_idx)
+    if impl == "auto":
+        impl = AUTO_IMPL if x.is_cuda else "torch"
+    if impl == "torch":
+        return causal_conv1d_ref(x, weight, bias, activation, seq_idx)
+    if not (x.is_cuda or _interpreting()):
+        raise ValueError("impl: 'triton' needs CUDA tensors or TRITON_INTERPRET=1")
+    return CausalConv1dFn.apply(x, weight, bias, activation in ("silu", "swish"), seq_idx)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One decoding step, in plain PyTorch; shifts ``conv_state`` in place.
+
+    x: (batch, D) the new input. conv_state holds the previous inputs, oldest first, either
+    (batch, D, W-1) — exactly the W-1 past inputs the next output needs — or (batch, D, W) as in
+    mamba_ssm / causal-conv1d (the window *including* the newest input after the update). Both
+    end holding the most recent inputs. Returns out (batch, D) in x's dtype, equal to the last
+    position of :func:`causal_conv1d` over the same history.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x: expected (batch, D), got shape {tuple(x.shape)}")
+    if weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight[:, 0]
+    if weight.dim() != 2 or weight.shape[0] != x.shape[1] or not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight: expected (D, W) with W in 2..4, got shape {tuple(weight.shape)}")
+    W = weight.shape[1]
+    if conv_state.dim() != 3 or conv_state.shape[:2] != x.shape or conv_state.shape[2] not in (W - 1, W):
+        raise ValueError(f"conv_state: expected (batch, D, {W - 1}) or (batch, D, {W}), got {tuple(conv_state.shape)}")
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    window = torch.cat([conv_state[:, :, conv_state.shape[2] - (W - 1):].to(cdt), x.to(cdt)[:, :, None]], dim=-1)  # (batch, D, W)
+    out = (window * weight.to(cdt)).sum(-1)  # (batch, D)
+    if bias is not None:
+        out = out + bias.to(cdt)
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    keep = conv_state.shape[2]
+    conv_state.copy_(window[:, :, W - keep:].to(conv_state.dtype))
+    return out.to(x.dtype)

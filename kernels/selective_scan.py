@@ -1,0 +1,624 @@
+"""Mamba-1 selective scan: Triton kernels, autograd Function and a plain-PyTorch reference.
+
+Per channel d (D channels) and state n (N states), with diagonal real A (Mamba §3, S6):
+
+    h_t[n] = exp(delta_t A[d, n]) h_{t-1}[n] + delta_t B_t[n] u_t
+    y_t    = sum_n C_t[n] h_t[n] + D[d] u_t,     then  y_t * silu(z_t)
+
+Hardware-aware design (Mamba §3.3): the expanded state (batch, D, L, N) never touches memory.
+A program owns (one sequence, BLOCK_D channels, all N states), walks L in time blocks of
+BLOCK_T and, inside a block, solves the linear recurrence with ``tl.associative_scan`` over
+time on pairs (a, b) with combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2). The state
+entering a block is folded into b at the block's first step; the state leaving a block is
+carried to the next block through a tiny (batch, D, 2, N) fp32 ping-pong buffer (L1/L2
+resident), and N is walked in BLOCK_N slices so N up to 256 fits in registers.
+
+Backward recomputes the states: the forward (when gradients are needed) keeps only the state
+at every block boundary, (batch, D, L / BLOCK_T, N) fp32; the backward walks the blocks in
+reverse, re-runs the forward scan of a block from its saved entering state and runs a reverse
+scan for the adjoint  dh_t = C_t g_t + a_{t+1} dh_{t+1}  (g = dL/dy before the gate).
+With  a_t h_{t-1} = h_t - b_t  every gradient is a local product:
+    d delta_t = sum_n dh_t (h_t - b_t) A + sum_n dh_t B_t u_t
+    dA[d, n]  = sum_t dh_t (h_t - b_t) delta_t
+    dB_t[n]   = sum_d dh_t delta_t u_t,   dC_t[n] = sum_d h_t g_t,   du_t = sum_n dh_t delta_t B_t + D g_t
+
+Variable length (Mamba-2 §8.3): with ``seq_idx`` the decay a_t is 0 where seq_idx changes, so
+the state restarts from zero at each document boundary, with no padding.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+import triton
+import triton.language as tl
+
+MAX_N = 256  # largest state size N (registers hold BLOCK_N slices; the ceiling is the brief's)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _linear_combine(a1, b1, a2, b2):
+    # Composition of the affine maps h -> a1 h + b1 then h -> a2 h + b2 (first one earlier in time).
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x); for x > 20 the correction is below fp32 resolution and exp would overflow.
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, y_ptr, st_ptr,
+    DIM, N, L, DPG, n_chunks,  # DIM = D channels; DPG = channels per B/C group
+    s_ub, s_ud, s_ul,
+    s_db, s_dd, s_dl,
+    s_Ad, s_An,
+    s_Bb, s_Bg, s_Bn, s_Bl,
+    s_Cb, s_Cg, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl,
+    s_yb, s_yd, s_yl,
+    s_sb, s_sd, s_sc, s_sn,
+    s_qb, s_ql,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SAVE_ALL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_mask = offs_d < DIM
+    offs_n0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_tl = tl.arange(0, BLOCK_T)  # (BLOCK_T,) position inside the time block
+    is_first = (offs_tl == 0)[None, None, :]  # (1, 1, BLOCK_T)
+    is_last = (offs_tl == BLOCK_T - 1)[None, None, :]
+    # The wrapper picks BLOCK_D so that a block never straddles two B/C groups.
+    grp = (pid_d * BLOCK_D) // DPG
+
+    u_base = u_ptr + pid_b * s_ub
+    dl_base = delta_ptr + pid_b * s_db
+    B_base = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_base = C_ptr + pid_b * s_Cb + grp * s_Cg
+    st_base = st_ptr + pid_b * s_sb
+
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+
+    for c in range(0, n_chunks):
+        offs_t = c * BLOCK_T + offs_tl  # (BLOCK_T,)
+        # Block index as a tile: the interpreter rejects a scalar bool inside a tensor mask.
+        c_dn = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.int32) + c  # (BLOCK_D, BLOCK_N)
+        t_mask = offs_t < L
+        m2 = d_mask[:, None] & t_mask[None, :]  # (BLOCK_D, BLOCK_T)
+        u = tl.load(u_base + offs_d[:, None] * s_ud + offs_t[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        dt = tl.load(dl_base + offs_d[:, None] * s_dd + offs_t[None, :] * s_dl, mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt = dt + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        # Padded steps get delta = 0, i.e. a = 1, b = 0: the identity, so the state at the
+        # block's last slot is the state at the last real step.
+        dt = tl.where(m2, dt, 0.0)  # (BLOCK_D, BLOCK_T)
+        dtu = dt * u  # (BLOCK_D, BLOCK_T)
+        if HAS_SEQ:
+            q = tl.load(seq_ptr + pid_b * s_qb + offs_t * s_ql, mask=t_mask, other=0)
+            q_prev = tl.load(seq_ptr + pid_b * s_qb + (offs_t - 1) * s_ql, mask=t_mask & (offs_t > 0), other=0)
+            reset = ((q != q_prev) & t_mask & (offs_t > 0))[None, None, :]  # (1, 1, BLOCK_T)
+        if HAS_D:
+            y_acc = Dv[:, None] * u  # (BLOCK_D, BLOCK_T)
+        else:
+            y_acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        if SAVE_ALL:
+            slot = c
+            prev_slot = c - 1
+        else:
+            slot = c % 2
+            prev_slot = (c + 1) % 2
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + offs_n0
+            n_mask = offs_n < N
+            mdn = d_mask[:, None] & n_mask[None, :]  # (BLOCK_D, BLOCK_N)
+            mnt = n_mask[:, None] & t_mask[None, :]  # (BLOCK_N, BLOCK_T)
+            A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mdn, other=0.0).to(tl.float32)
+            Bt = tl.load(B_base + offs_n[:, None] * s_Bn + offs_t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + offs_n[:, None] * s_Cn + offs_t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+            st_off = offs_d[:, None] * s_sd + offs_n[None, :] * s_sn  # (BLOCK_D, BLOCK_N)
+            h0 = tl.load(st_base + prev_slot * s_sc + st_off, mask=mdn & (c_dn > 0), other=0.0)  # (BLOCK_D, BLOCK_N)
+            a = tl.exp(dt[:, None, :] * A[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_T)
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
+            b = dtu[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_T)
+            b = b + tl.where(is_first, a * h0[:, :, None], 0.0)
+            _, h = tl.associative_scan((a, b), 2, _linear_combine)  # (BLOCK_D, BLOCK_N, BLOCK_T)
+            y_acc += tl.sum(h * Ct[None, :, :], axis=1)
+            h_last = tl.sum(tl.where(is_last, h, 0.0), axis=2)  # (BLOCK_D, BLOCK_N)
+            tl.store(st_base + slot * s_sc + st_off, h_last, mask=mdn)
+        # The next block reads the states just written, possibly from other threads.
+        tl.debug_barrier()
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + offs_t[None, :] * s_zl,
+                        mask=m2, other=0.0).to(tl.float32)
+            y_acc = y_acc * z * tl.sigmoid(z)
+        tl.store(y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd + offs_t[None, :] * s_yl,
+                 y_acc.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, st_ptr, dy_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, lam_ptr,
+    DIM, N, L, DPG, n_chunks,
+    s_ub, s_ud, s_ul,
+    s_db, s_dd, s_dl,
+    s_Ad, s_An,
+    s_Bb, s_Bg, s_Bn, s_Bl,
+    s_Cb, s_Cg, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl,
+    s_ob, s_od, s_ol,  # dy, du, ddelta, dz: contiguous (batch, D, L)
+    s_sb, s_sd, s_sc, s_sn,  # saved block-boundary states (batch, D, n_chunks, N)
+    s_qb, s_ql,
+    s_gb, s_gg, s_gn, s_gl,  # dB, dC fp32 accumulators (batch, G, N, L)
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_mask = offs_d < DIM
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_tl = tl.arange(0, BLOCK_T)
+    is_first = (offs_tl == 0)[None, None, :]
+    is_last = (offs_tl == BLOCK_T - 1)[None, None, :]
+    grp = (pid_d * BLOCK_D) // DPG
+
+    u_base = u_ptr + pid_b * s_ub
+    dl_base = delta_ptr + pid_b * s_db
+    B_base = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_base = C_ptr + pid_b * s_Cb + grp * s_Cg
+    dB_base = dB_ptr + pid_b * s_gb + grp * s_gg
+    dC_base = dC_ptr + pid_b * s_gb + grp * s_gg
+    st_base = st_ptr + pid_b * s_sb
+    # Small per-(sequence, channel) fp32 buffers: lam (batch, 2, D, N), dA (batch, D, N), dD/dbias (batch, D).
+    lam_base = lam_ptr + pid_b * DIM * 2 * N
+    dA_base = dA_ptr + pid_b * DIM * N
+    dlast_base = dlast_ptr + pid_b * DIM * N
+
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc  # walk the time blocks backwards
+        offs_t = c * BLOCK_T + offs_tl
+        c_dn = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.int32) + c  # (BLOCK_D, BLOCK_N)
+        t_mask = offs_t < L
+        tn_mask = (offs_t + 1) < L
+        m2 = d_mask[:, None] & t_mask[None, :]  # (BLOCK_D, BLOCK_T)
+        m2n = d_mask[:, None] & tn_mask[None, :]
+        u = tl.load(u_base + offs_d[:, None] * s_ud + offs_t[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        dt_raw = tl.load(dl_base + offs_d[:, None] * s_dd + offs_t[None, :] * s_dl, mask=m2, other=0.0).to(tl.float32)
+        # delta one step ahead, for the decay a_{t+1} that carries dh_{t+1} back to h_t.
+        dtn = tl.load(dl_base + offs_d[:, None] * s_dd + (offs_t[None, :] + 1) * s_dl, mask=m2n, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt_raw = dt_raw + bias[:, None]
+            dtn = dtn + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+            dtn = _softplus(dtn)
+        else:
+            dt = dt_raw
+        dt = tl.where(m2, dt, 0.0)  # (BLOCK_D, BLOCK_T)
+        dtn = tl.where(m2n, dtn, 0.0)  # (BLOCK_D, BLOCK_T)
+        dtu = dt * u
+        if HAS_SEQ:
+            q = tl.load(seq_ptr + pid_b * s_qb + offs_t * s_ql, mask=t_mask, other=0)
+            q_prev = tl.load(seq_ptr + pid_b * s_qb + (offs_t - 1) * s_ql, mask=t_mask & (offs_t > 0), other=0)
+            q_next = tl.load(seq_ptr + pid_b * s_qb + (offs_t + 1) * s_ql, mask=tn_mask, other=0)
+            reset = ((q != q_prev) & t_mask & (offs_t > 0))[None, None, :]
+            reset_next = ((q_next != q) & tn_mask)[None, None, :]
+        o_off = offs_d[:, None] * s_od + offs_t[None, :] * s_ol  # (BLOCK_D, BLOCK_T)
+        dy = tl.load(dy_ptr + pid_b * s_ob + o_off, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + offs_t[None, :] * s_zl,
+                        mask=m2, other=0.0).to(tl.float32)
+            sig_z = tl.sigmoid(z)
+            g = dy * z * sig_z  # dL/dy before the gate
+        else:
+            g = dy
+        if HAS_D:
+            y_pre = Dv[:, None] * u
+            du = Dv[:, None] * g
+        else:
+            y_pre = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+            du = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        ddt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + offs_n0
+            n_mask = offs_n < N
+            mdn = d_mask[:, None] & n_mask[None, :]
+            mnt = n_mask[:, None] & t_mask[None, :]
+            A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mdn, other=0.0).to(tl.float32)
+            Bt = tl.load(B_base + offs_n[:, None] * s_Bn + offs_t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + offs_n[:, None] * s_Cn + offs_t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+            dn_off = offs_d[:, None] * N + offs_n[None, :]  # (BLOCK_D, BLOCK_N) in (D, N) buffers
+            # 1. Recompute the block's states from the saved entering state.
+            h0 = tl.load(st_base + (c - 1) * s_sc + offs_d[:, None] * s_sd + offs_n[None, :] * s_sn,
+                         mask=mdn & (c_dn > 0), other=0.0)
+            a = tl.exp(dt[:, None, :] * A[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_T)
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
+            b = dtu[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_T) true input term
+            _, h = tl.associative_scan((a, b + tl.where(is_first, a * h0[:, :, None], 0.0)), 2, _linear_combine)
+            y_pre += tl.sum(h * Ct[None, :, :], axis=1)
+            # 2. Adjoint, reverse in time: dh_t = C_t g_t + a_{t+1} dh_{t+1}; the later blocks'
+            #    contribution a_{t1} dh_{t1} (t1 = next block's first step) enters at the last slot.
+            lam = tl.load(lam_base + ((c + 1) % 2) * DIM * N + dn_off, mask=mdn & (c_dn < n_chunks - 1), other=0.0)
+            if HAS_DLAST:
+                lam += tl.load(dlast_base + dn_off, mask=mdn & (c_dn == n_chunks - 1), other=0.0)
+            cg = Ct[None, :, :] * g[:, None, :] + tl.where(is_last, lam[:, :, None], 0.0)
+            an = tl.exp(dtn[:, None, :] * A[:, :, None])  # a_{t+1}
+            if HAS_SEQ:
+                an = tl.where(reset_next, 0.0, an)
+            _, dh = tl.associative_scan((an, cg), 2, _linear_combine, reverse=True)  # (BLOCK_D, BLOCK_N, BLOCK_T)
+            lam_new = tl.sum(tl.where(is_first, a * dh, 0.0), axis=2)  # (BLOCK_D, BLOCK_N)
+            tl.store(lam_base + (c % 2) * DIM * N + dn_off, lam_new, mask=mdn)
+            # 3. Local gradients; a_t h_{t-1} = h_t - b_t avoids dividing by a.
+            dh_ah = dh * (h - b)  # (BLOCK_D, BLOCK_N, BLOCK_T)
+            dhB = tl.sum(dh * Bt[None, :, :], axis=1)  # (BLOCK_D, BLOCK_T)
+            ddt += tl.sum(dh_ah * A[:, :, None], axis=1) + dhB * u
+            du += dhB * dt
+            dA_c = tl.sum(dh_ah * dt[:, None, :], axis=2)  # (BLOCK_D, BLOCK_N)
+            dA_c += tl.load(dA_base + dn_off, mask=mdn & (c_dn < n_chunks - 1), other=0.0)
+            tl.store(dA_base + dn_off, dA_c, mask=mdn)
+            dB_c = tl.sum(dh * dtu[:, None, :], axis=0)  # (BLOCK_N, BLOCK_T), summed over this block's channels
+            dC_c = tl.sum(h * g[:, None, :], axis=0)  # (BLOCK_N, BLOCK_T)
+            g_off = offs_n[:, None] * s_gn + offs_t[None, :] * s_gl
+            tl.atomic_add(dB_base + g_off, dB_c, mask=mnt)
+            tl.atomic_add(dC_base + g_off, dC_c, mask=mnt)
+        tl.debug_barrier()
+        if HAS_Z:
+            dz = dy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z))
+            tl.store(dz_ptr + pid_b * s_ob + o_off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_raw)
+        ddt = tl.where(m2, ddt, 0.0)
+        tl.store(ddelta_ptr + pid_b * s_ob + o_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        tl.store(du_ptr + pid_b * s_ob + o_off, du.to(du_ptr.dtype.element_ty), mask=m2)
+        dD_acc += tl.sum(g * u, axis=1)
+        dbias_acc += tl.sum(ddt, axis=1)
+    tl.store(dD_ptr + pid_b * DIM + offs_d, dD_acc, mask=d_mask)
+    tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=d_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_D, num_warps) candidates tried by the autotuner on the GPU; BLOCK_T is fixed per call
+# because the backward reads the states the forward saved at every BLOCK_T boundary.
+_GPU_CANDIDATES = ((2, 4), (4, 4), (4, 8), (8, 8))
+_GPU_BLOCK_T = 64
+_INTERP_BLOCK_T = 16  # the interpreter's scan is a Python loop per element: keep tiles small
+
+
+def _block_t() -> int:
+    return _INTERP_BLOCK_T if _interpreting() else _GPU_BLOCK_T
+
+
+def _block_n(N: int) -> int:
+    return min(triton.next_power_of_2(N), 16)
+
+
+def _allowed_block_d(dim: int, G: int, candidates) -> tuple:
+    # A block of channels must sit inside one B/C group (channel d uses group d // (D // G)).
+    dpg = dim // G
+    ok = tuple(c for c in candidates if G == 1 or dpg % c[0] == 0)
+    if not ok:
+        bd = 1
+        while dpg % (bd * 2) == 0 and bd * 2 <= 8:
+            bd *= 2
+        ok = ((bd, 4 if bd >= 4 else 2),)
+    return ok
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, configs: tuple):
+    fn = _selective_scan_fwd_kernel if kind == "fwd" else _selective_scan_bwd_kernel
+    cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=nw) for bd, nw in configs]
+    reset = ["dB_ptr", "dC_ptr"] if kind == "bwd" else None
+    return triton.autotune(cfgs, key=["DIM", "N", "L", "DPG"], reset_to_zero=reset)(fn)
+
+
+def _launch(kind: str, dim: int, G: int, batch: int, args: tuple, kwargs: dict):
+    if _interpreting():
+        bd = min(4, triton.next_power_of_2(dim))
+        configs = _allowed_block_d(dim, G, ((bd, 4),))
+        bd = configs[0][0]
+        fn = _selective_scan_fwd_kernel if kind == "fwd" else _selective_scan_bwd_kernel
+        fn[(batch, triton.cdiv(dim, bd))](*args, **kwargs, BLOCK_D=bd)
+        return
+    configs = _allowed_block_d(dim, G, _GPU_CANDIDATES)
+    grid = lambda meta: (batch, triton.cdiv(dim, meta["BLOCK_D"]))  # noqa: E731
+    _tuned(kind, configs)[grid](*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checking (shared by the Triton path, the reference and the decoding step)
+# ----------------------------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex():
+        raise ValueError(f"{name}: complex tensors are not supported (only real diagonal A)")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name}: dtype {t.dtype} is not supported (float32, float16, bfloat16, float64)")
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx):
+    """Validate shapes/dtypes; return (batch, dim, L, N, G) and B, C as (batch, G, N, L) views."""
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise ValueError("A: complex A is not supported; only real diagonal A (S4D-real / Mamba-1)")
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        _check_float(name, t)
+    if u.dim() != 3:
+        raise ValueError(f"u: expected (batch, D, L), got shape {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    if L == 0 or dim == 0 or batch == 0:
+        raise ValueError(f"u: empty shape {tuple(u.shape)}")
+    if delta.shape != u.shape:
+        raise ValueError(f"delta: expected shape {tuple(u.shape)} like u, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A: expected (D, N) = ({dim}, N), got shape {tuple(A.shape)}")
+    N = A.shape[1]
+    if N < 1 or N > MAX_N:
+        raise ValueError(f"A: state size N = {N} is out of range; supported 1 <= N <= {MAX_N}")
+    views = []
+    G = None
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            if tuple(t.shape) != (batch, N, L):
+                raise ValueError(f"{name}: expected (batch, N, L) = ({batch}, {N}, {L}), got {tuple(t.shape)}")
+            t = t.unsqueeze(1)  # (batch, 1, N, L)
+        elif t.dim() == 4:
+            g = t.shape[1]
+            if t.shape[0] != batch or t.shape[2] != N or t.shape[3] != L or g < 1:
+                raise ValueError(f"{name}: expected (batch, G, N, L) = ({batch}, G, {N}, {L}), got {tuple(t.shape)}")
+            if dim % g != 0:
+                raise ValueError(f"{name}: number of groups G = {g} must divide D = {dim}")
+        else:
+            raise ValueError(f"{name}: expected (batch, N, L) or (batch, G, N, L), got shape {tuple(t.shape)}")
+        if G is not None and t.shape[1] != G:
+            raise ValueError(f"C: has {t.shape[1]} groups but B has {G}")
+        G = t.shape[1]
+        views.append(t)
+    if D is not None:
+        _check_float("D", D)
+        if tuple(D.shape) != (dim,):
+            raise ValueError(f"D: expected shape ({dim},), got {tuple(D.shape)}")
+    if z is not None:
+        _check_float("z", z)
+        if z.shape != u.shape:
+            raise ValueError(f"z: expected shape {tuple(u.shape)} like u, got {tuple(z.shape)}")
+    if delta_bias is not None:
+        _check_float("delta_bias", delta_bias)
+        if tuple(delta_bias.shape) != (dim,):
+            raise ValueError(f"delta_bias: expected shape ({dim},), got {tuple(delta_bias.shape)}")
+    if seq_idx is not None:
+        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError("seq_idx: expected an int32 tensor of shape (batch, L)")
+        if tuple(seq_idx.shape) != (batch, L):
+            raise ValueError(f"seq_idx: expected shape ({batch}, {L}), got {tuple(seq_idx.shape)}")
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias), ("seq_idx", seq_idx)):
+        if t is not None and t.device != u.device:
+            raise ValueError(f"{name}: on device {t.device} but u is on {u.device}")
+    return batch, dim, L, N, G, views[0], views[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd Function
+# ----------------------------------------------------------------------------------------------
+def _strides(t, n):
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+class SelectiveScanFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seq_idx, need_grad):
+        ctx.set_materialize_grads(False)  # unused outputs (often last_state) arrive as None
+        batch, dim, L = u.shape  # (batch, D, L)
+        G, N = B4.shape[1], A.shape[1]  # B4, C4: (batch, G, N, L)
+        BT = _block_t()
+        n_chunks = triton.cdiv(L, BT)
+        save = bool(need_grad)  # keep the block-boundary states only when a backward will come
+        n_slots = n_chunks if save else 2
+        states = torch.empty((batch, dim, n_slots, N), device=u.device, dtype=torch.float32)  # (batch, D, slots, N)
+        y = torch.empty((batch, dim, L), device=u.device, dtype=u.dtype)  # (batch, D, L)
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(torch.int32)
+        dummy = u
+        args = (u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
+                y, states, dim, N, L, dim // G, n_chunks,
+                *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(), *_strides(z, 3),
+                *y.stride(), *states.stride(), *_strides(seq_idx, 2))
+        kwargs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                      SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq_idx is not None, SAVE_ALL=save,
+                      BLOCK_N=_block_n(N), BLOCK_T=BT)
+        _launch("fwd", dim, G, batch, args, kwargs)
+        last_state = states[:, :, (n_chunks - 1) % n_slots if not save else n_chunks - 1]  # (batch, D, N)
+        if save:
+            ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states)
+            ctx.delta_softplus = bool(delta_softplus)
+            ctx.n_chunks, ctx.BT = n_chunks, BT
+        return y, last_state.clone()
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
+        batch, dim, L = u.shape
+        G, N = B4.shape[1], A.shape[1]
+        dev = u.device
+        if dy is None:
+            dy = torch.zeros((batch, dim, L), device=dev, dtype=u.dtype)
+        f32 = dict(device=dev, dtype=torch.float32)
+        du = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)  # (batch, D, L)
+        ddelta = torch.empty((batch, dim, L), device=dev, dtype=delta.dtype)  # (batch, D, L)
+        dz = torch.empty((batch, dim, L), device=dev, dtype=z.dtype) if z is not None else None
+        if dy.stride() != du.stride():  # the kernel indexes dy, du, ddelta, dz with one set of strides
+            dy = torch.empty_like(du, dtype=dy.dtype).copy_(dy)  # (batch, D, L)
+        dA_part = torch.empty((batch, dim, N), **f32)  # per-sequence partial sums
+        dB = torch.zeros((batch, G, N, L), **f32)  # atomically accumulated over channels
+        dC = torch.zeros((batch, G, N, L), **f32)
+        dD_part = torch.empty((batch, dim), **f32)
+        dbias_part = torch.empty((batch, dim), **f32)
+        lam = torch.empty((batch, 2, dim, N), **f32)  # adjoint carried between time blocks (ping-pong)
+        has_dlast = dlast is not None
+        dlast = dlast.float().contiguous() if has_dlast else dA_part
+        args = (u, delta, A, B4, C4, D if D is not None else u, z if z is not None else u,
+                delta_bias if delta_bias is not None else u, seq_idx if seq_idx is not None else u,
+                states, dy, dlast, du, ddelta, dz if dz is not None else du, dA_part, dB, dC, dD_part,
+                dbias_part, lam, dim, N, L, dim // G, ctx.n_chunks,
+                *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(), *_strides(z, 3),
+                *dy.stride(), *states.stride(), *_strides(seq_idx, 2), *dB.stride())
+        kwargs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                      SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DLAST=has_dlast,
+                      BLOCK_N=_block_n(N), BLOCK_T=ctx.BT)
+        _launch("bwd", dim, G, batch, args, kwargs)
+        dA = dA_part.sum(0).to(A.dtype)  # (D, N)
+        dB = dB.to(B4.dtype)
+        dC = dC.to(C4.dtype)
+        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, seq_idx=None):
+    """Selective scan (mamba_ssm ``selective_scan_fn`` semantics), differentiable.
+
+    u, delta: (batch, D, L); A: (D, N) real; B, C: (batch, N, L) or (batch, G, N, L);
+    D, delta_bias: (D,); z: (batch, D, L); seq_idx: (batch, L) int32, non-decreasing.
+    Any strides are accepted (e.g. channel-last views of (batch, L, D) tensors) without copies.
+    Returns y (batch, D, L) in u's dtype, and with ``return_last_state`` also the final state
+    (batch, D, N) float32 (gradients through it are supported).
+    Runs the Triton kernels when the tensors are on CUDA or TRITON_INTERPRET=1, else the
+    PyTorch reference.
+    """
+    batch, dim, L, N, G, B4, C4 = _check_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    if not (u.is_cuda or _interpreting()):
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, seq_idx)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    y, last = SelectiveScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seq_idx, need_grad)
+    return (y, last) if return_last_state else y
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, seq_idx=None):
+    """Plain-PyTorch sequential selective scan: the oracle (in float64) and the CPU path.
+
+    Same signature and outputs as :func:`selective_scan`. Computes in float32 (float64 if u is
+    float64), one time step at a time, so memory stays O(batch D N) like the kernel.
+    """
+    batch, dim, L, N, G, B4, C4 = _check_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    uf = u.to(cdt)  # (batch, D, L)
+    dt = delta.to(cdt)  # (batch, D, L)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    Af = A.to(cdt)  # (D, N)
+    # Expand groups to channels: channel d reads group d // (D // G).
+    Bx = B4.to(cdt).repeat_interleave(dim // G, dim=1)  # (batch, D, N, L)
+    Cx = C4.to(cdt).repeat_interleave(dim // G, dim=1)  # (batch, D, N, L)
+    keep = None
+    if seq_idx is not None:
+        keep = torch.ones((batch, L), dtype=cdt, device=u.device)  # (batch, L): 0 where a new sequence starts
+        keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).to(cdt)
+    h = torch.zeros((batch, dim, N), dtype=cdt, device=u.device)  # (batch, D, N)
+    ys = []
+    for t in range(L):
+        a = torch.exp(dt[:, :, t, None] * Af)  # (batch, D, N)
+        if keep is not None:
+            a = a * keep[:, t, None, None]
+        h = a * h + (dt[:, :, t] * uf[:, :, t])[:, :, None] * Bx[:, :, :, t]  # (batch, D, N)
+        ys.append((h * Cx[:, :, :, t]).sum(-1))  # (batch, D)
+    y = torch.stack(ys, dim=-1)  # (batch, D, L)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * uf
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(u.dtype)
+    if return_last_state:
+        return y, h.to(torch.float32) if cdt == torch.float32 else h
+    return y
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step of the selective scan, in plain PyTorch; updates ``state`` in place.
+
+    state: (batch, D, N) (any float dtype, usually float32); x, dt, z: (batch, D);
+    A: (D, N); B, C: (batch, N) or (batch, G, N); D, dt_bias: (D,). Returns y (batch, D) in x's
+    dtype, equal to one step of :func:`selective_scan` carried from ``state``.
+    """
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise ValueError("A: complex A is not supported; only real diagonal A")
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        _check_float(name, t)
+    if state.dim() != 3:
+        raise ValueError(f"state: expected (batch, D, N), got shape {tuple(state.shape)}")
+    batch, dim, N = state.shape
+    if x.shape != (batch, dim) or dt.shape != (batch, dim):
+        raise ValueError(f"x/dt: expected shape ({batch}, {dim}), got {tuple(x.shape)} and {tuple(dt.shape)}")
+    if tuple(A.shape) != (dim, N):
+        raise ValueError(f"A: expected shape ({dim}, {N}), got {tuple(A.shape)}")
+    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
+
+    def groups(name, t):  # -> (batch, D, N)
+        if t.dim() == 2:
+            t = t.unsqueeze(1)
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != N or dim % t.shape[1] != 0:
+            raise ValueError(f"{name}: expected (batch, N) or (batch, G, N) with G dividing D, got {tuple(t.shape)}")
+        return t.to(cdt).repeat_interleave(dim // t.shape[1], dim=1)
+
+    Bx, Cx = groups("B", B), groups("C", C)  # (batch, D, N)
+    dtf = dt.to(cdt)  # (batch, D)
+    if dt_bias is not None:
+        dtf = dtf + dt_bias.to(cdt)
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    a = torch.exp(dtf[:, :, None] * A.to(cdt))  # (batch, D, N)
+    h = a * state.to(cdt) + (dtf * x.to(cdt))[:, :, None] * Bx  # (batch, D, N)
+    state.copy_(h)
+    y = (h * Cx).sum(-1)  # (batch, D)
+    if D is not None:
+        y = y + D.to(cdt) * x.to(cdt)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(x.dtype)

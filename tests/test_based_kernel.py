@@ -1,0 +1,251 @@
+"""Based (Taylor linear attention) kernels against float64 oracles, forward and gradients.
+
+The oracle is ``taylor_linear_attention_recurrent`` in float64 (explicit phi, one token at a
+time), itself checked against the quadratic form. Inputs are fresh random tensors each run;
+the seed is printed in every failure message. Under the CPU interpreter the Triton kernels
+run with a small chunk (``_FORCE_BLOCKS``) so that short sequences span several chunks and
+several value blocks; on a GPU the same tests also run at realistic shapes in bf16/fp16/fp32.
+"""
+import random
+
+import pytest
+import torch
+
+from conftest import DEVICE, rel_err
+from ssdbench.kernels import based as mod
+from ssdbench.kernels.based import (
+    based_state_size,
+    feature_count,
+    taylor_feature_map,
+    taylor_linear_attention,
+    taylor_linear_attention_chunked_torch,
+    taylor_linear_attention_recurrent,
+    taylor_linear_attention_ref,
+    taylor_step,
+)
+
+F64 = torch.float64
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_blocks(monkeypatch):
+    # NaN-filled outputs catch elements the kernels never write.
+    monkeypatch.setattr(mod, "_POISON", True)
+    if DEVICE == "cpu":  # chunk 16, value block 16: many chunks and blocks at small L
+        monkeypatch.setattr(mod, "_FORCE_BLOCKS", (16, 16))
+
+
+def _seed():
+    s = random.randrange(2 ** 31)
+    torch.manual_seed(s)
+    return s
+
+
+def _random_seq_idx(batch, L, device):
+    """Non-decreasing document ids with random boundaries (some rows a single document)."""
+    rows = []
+    for b in range(batch):
+        n_docs = 1 if b == 0 else random.randint(1, max(1, L // 6))
+        cuts = sorted(random.sample(range(1, L), min(n_docs - 1, L - 1))) if L > 1 else []
+        ids = torch.zeros(L, dtype=torch.int32)
+        for c in cuts:
+            ids[c:] += 1
+        rows.append(ids + random.randint(0, 3))  # ids need not start at 0
+    return torch.stack(rows).to(device)
+
+
+def _inputs(batch, L, H, F, P, device, init=False, seq=False):
+    q = torch.randn(batch, L, H, F, dtype=F64, device=device) * 0.7  # (batch, L, H, F)
+    k = torch.randn(batch, L, H, F, dtype=F64, device=device) * 0.7  # (batch, L, H, F)
+    v = torch.randn(batch, L, H, P, dtype=F64, device=device)  # (batch, L, H, P)
+    state = None
+    if init:
+        # a realistic state: what a random 8-token prefix would leave (z0 > 0 like a real one)
+        kp = taylor_feature_map(torch.randn(batch, 8, H, F, dtype=F64, device=device) * 0.7)  # (batch, 8, H, D)
+        vp = torch.randn(batch, 8, H, P, dtype=F64, device=device)
+        state = (torch.einsum("bshd,bshp->bhdp", kp, vp), kp.sum(1))  # (batch,H,D,P), (batch,H,D)
+    seq_idx = _random_seq_idx(batch, L, device) if seq else None
+    return q, k, v, state, seq_idx
+
+
+def _run(fn, q, k, v, state, seq_idx, normalize, final, dtype, eps=1e-6):
+    """Run fn on leaf copies cast to dtype; returns (outputs, leaves)."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    init = None
+    if state is not None:
+        sdt = F64 if dtype == F64 else torch.float32
+        init = tuple(x.detach().to(sdt).requires_grad_() for x in state)
+        leaves += list(init)
+    out = fn(*leaves[:3], eps=eps, normalize=normalize, initial_state=init,
+             return_final_state=final, seq_idx=seq_idx)
+    outs = [out[0], out[1][0], out[1][1]] if final else [out]
+    return outs, leaves
+
+
+def _loss(outs, cot):
+    return sum((o.double() * c).sum() for o, c in zip(outs, cot))
+
+
+def _compare(q, k, v, state, seq_idx, normalize, final, dtype, seed, tol=None, fn=taylor_linear_attention):
+    tol = tol or TOL[dtype]
+    # the oracle sees the same (rounded) inputs as the kernel
+    qr, kr, vr = (x.to(dtype).to(F64) for x in (q, k, v))
+    ref_outs, ref_leaves = _run(taylor_linear_attention_recurrent, qr, kr, vr, state, seq_idx,
+                                normalize, final, F64)
+    outs, leaves = _run(fn, q, k, v, state, seq_idx, normalize, final, dtype)
+    names = ["y", "S_L", "z_L"]
+    for n, o, r in zip(names, outs, ref_outs):
+        assert o.shape == r.shape, (n, o.shape, r.shape)
+        e = rel_err(o.detach(), r.detach())
+        assert e < tol, f"seed={seed} {n}: rel err {e:.2e} >= {tol:.0e}"
+    cot = [torch.randn_like(r) for r in ref_outs]
+    gref = torch.autograd.grad(_loss(ref_outs, cot), ref_leaves)
+    gout = torch.autograd.grad(_loss(outs, cot), leaves)
+    gnames = ["dq", "dk", "dv", "dS0", "dz0"]
+    for n, g, r in zip(gnames, gout, gref):
+        if n in ("dq", "dk", "dv"):
+            assert g.dtype == dtype, (n, g.dtype)
+        e = rel_err(g, r)
+        assert e < 2 * tol, f"seed={seed} {n}: rel err {e:.2e} >= {2 * tol:.0e}"
+
+
+# ----------------------------------------------------------------------------------------
+# references agree with each other (float64)
+# ----------------------------------------------------------------------------------------
+def test_feature_map_is_taylor_of_exp():
+    seed = _seed()
+    F = 16
+    q, k = torch.randn(2, 5, F, dtype=F64), torch.randn(2, 5, F, dtype=F64)
+    s = (q * k).sum(-1) / F ** 0.5
+    dot = (taylor_feature_map(q) * taylor_feature_map(k)).sum(-1)
+    assert taylor_feature_map(q).shape[-1] == feature_count(F) == 273
+    assert torch.allclose(dot, 1 + s + s * s / 2, rtol=1e-12, atol=1e-12), seed
+
+
+def test_state_size_formula():
+    # Zoology's count: KV state (1+F+F^2) P per head plus the normaliser (1+F+F^2) per head
+    assert based_state_size(16, 64, 1) == 273 * 64 + 273
+    assert based_state_size(16, 64, 12) == 12 * 273 * 65
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_recurrent_equals_quadratic_and_chunked(normalize):
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(3, 29, 2, 8, 5, "cpu", init=True, seq=True)
+    outs, cot = {}, None
+    for name, fn in [("rec", taylor_linear_attention_recurrent), ("quad", taylor_linear_attention_ref),
+                     ("chunk", lambda *a, **kw: taylor_linear_attention_chunked_torch(*a, chunk_size=7, **kw))]:
+        o, leaves = _run(fn, q, k, v, state, seq_idx, normalize, True, F64)
+        cot = cot or [torch.randn_like(x) for x in o]  # one cotangent shared by all three
+        outs[name] = o + list(torch.autograd.grad(_loss(o, cot), leaves))
+    for name in ("quad", "chunk"):
+        for i, (a, b) in enumerate(zip(outs[name], outs["rec"])):
+            e = rel_err(a.detach(), b.detach())
+            assert e < 1e-10, f"seed={seed} {name} item {i}: {e:.2e}"
+
+
+def test_step_matches_prefix_state():
+    """Decoding: the final state of a prefix plus taylor_step gives the next token's output."""
+    seed = _seed()
+    q, k, v, _, _ = _inputs(2, 12, 3, 16, 8, "cpu")
+    y, (S, z) = taylor_linear_attention_recurrent(q[:, :11], k[:, :11], v[:, :11], return_final_state=True)
+    y_full = taylor_linear_attention_ref(q, k, v)
+    y_t, _ = taylor_step(q[:, 11], k[:, 11], v[:, 11], (S, z))
+    assert rel_err(y_t, y_full[:, 11]) < 1e-12, seed
+
+
+# ----------------------------------------------------------------------------------------
+# the Triton kernels (interpreter on CPU, compiled on CUDA) against the float64 oracle
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("seq", [False, True])
+def test_kernel_options_fp32(normalize, init, seq):
+    seed = _seed()
+    L = 45  # not a multiple of the chunk (16 here, 32 on the GPU path's default)
+    q, k, v, state, seq_idx = _inputs(2, L, 2, 16, 24, DEVICE, init=init, seq=seq)
+    _compare(q, k, v, state, seq_idx, normalize, True, torch.float32, seed)
+
+
+@pytest.mark.parametrize("F,P,L", [(8, 16, 33), (16, 40, 17), (16, 16, 1), (32, 16, 20)])
+def test_kernel_shapes_fp32(F, P, L):
+    """F below 16 (padded in-kernel), F = 32 (1024 order-2 features), P not a power of two, L = 1."""
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(2, L, 1, F, P, DEVICE, init=True, seq=L > 1)
+    _compare(q, k, v, state, seq_idx, True, True, torch.float32, seed)
+
+
+def test_kernel_without_final_state():
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(1, 50, 2, 16, 16, DEVICE, init=True, seq=True)
+    _compare(q, k, v, state, seq_idx, True, False, torch.float32, seed)
+
+
+def test_kernel_default_blocks(monkeypatch):
+    """The block sizes the dispatcher picks by itself (chunk 32 under the interpreter)."""
+    monkeypatch.setattr(mod, "_FORCE_BLOCKS", None)
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(1, 70, 2, 16, 32, DEVICE, init=True, seq=True)
+    _compare(q, k, v, state, seq_idx, True, True, torch.float32, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_half_inputs(dtype):
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(2, 40, 2, 16, 16, DEVICE, init=True, seq=True)
+    _compare(q, k, v, state, seq_idx, True, True, dtype, seed)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="realistic shapes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_kernel_gpu_realistic(dtype, normalize, monkeypatch):
+    monkeypatch.setattr(mod, "_FORCE_BLOCKS", None)
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(2, 1000, 4, 16, 64, DEVICE, init=True, seq=True)
+    # the quadratic form in float64 is exact and fast on the GPU at this length
+    qr, kr, vr = (x.to(dtype).to(F64) for x in (q, k, v))
+    ref_outs, ref_leaves = _run(taylor_linear_attention_ref, qr, kr, vr, state, seq_idx, normalize, True, F64)
+    outs, leaves = _run(taylor_linear_attention, q, k, v, state, seq_idx, normalize, True, dtype)
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+    for n, o, r in zip(["y", "S_L", "z_L"], outs, ref_outs):
+        e = rel_err(o.detach(), r.detach())
+        assert e < tol, f"seed={seed} {n}: {e:.2e}"
+    cot = [torch.randn_like(r) for r in ref_outs]
+    gref = torch.autograd.grad(_loss(ref_outs, cot), ref_leaves)
+    gout = torch.autograd.grad(_loss(outs, cot), leaves)
+    for n, g, r in zip(["dq", "dk", "dv", "dS0", "dz0"], gout, gref):
+        assert rel_err(g, r) < 2 * tol, f"seed={seed} {n}: {rel_err(g, r):.2e}"
+
+
+def test_float64_inputs_use_the_torch_path():
+    """float64 goes to the chunked PyTorch path (the model's CPU path): all options, autograd."""
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(2, 21, 2, 16, 8, "cpu", init=True, seq=True)
+    _compare(q, k, v, state, seq_idx, True, True, F64, seed, tol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------
+def _bad(**over):
+    q = torch.randn(1, 8, 2, 16, device=DEVICE)
+    args = dict(q=q, k=q.clone(), v=torch.randn(1, 8, 2, 4, device=DEVICE))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,name", [
+    (dict(q=torch.randn(1, 8, 2, 33), k=torch.randn(1, 8, 2, 33)), "q"),
+    (dict(q=torch.randn(8, 2, 16)), "q"),
+    (dict(k=torch.randn(1, 8, 2, 8)), "k"),
+    (dict(v=torch.randn(1, 7, 2, 4)), "v"),
+    (dict(initial_state=(torch.zeros(1, 2, 273, 5), torch.zeros(1, 2, 273))), "initial_state"),
+    (dict(initial_state=(torch.zeros(1, 2, 273, 4), torch.zeros(1, 2, 272))), "initial_state"),
+    (dict(seq_idx=torch.zeros(1, 9, dtype=torch.int32)), "seq_idx"),
+])
+def test_bad_input(over, name):
+    args = _bad(**{kk: (vv.to(DEVICE) if torch.is_tensor(vv) else vv) for kk, vv in over.items()})
+    with pytest.raises(ValueError, match=name):
+        taylor_linear_attention(**args)

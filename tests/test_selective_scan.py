@@ -1,0 +1,240 @@
+"""Mamba-1 selective scan: Triton kernel vs. the float64 sequential reference, forward and every
+gradient, plus the decoding step and input checking.
+
+Under TRITON_INTERPRET=1 (no GPU) the kernels run with a time block of 16, so lengths 1, 16 and
+37 cover a single partial block, an exact block and a ragged multi-block walk; on CUDA the block
+is 64 and the lengths grow accordingly.
+"""
+import random
+
+import pytest
+import torch
+
+from conftest import DEVICE, rel_err
+from ssdbench.kernels import selective_scan as ss
+from ssdbench.kernels.selective_scan import (selective_scan, selective_scan_ref,
+                                             selective_state_update)
+
+ON_GPU = DEVICE == "cuda"
+LENGTHS = (1, 64, 150, 333) if ON_GPU else (1, 16, 37)
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    s = random.randrange(2**31)
+    print(f"random seed {s}")  # shown by pytest when a test fails
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every float buffer the kernels allocate with NaN, so unwritten elements show up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*a, **k):
+        t = empty_like(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(ss.torch, "empty", nan_empty)
+    monkeypatch.setattr(ss.torch, "empty_like", nan_empty_like)
+
+
+def make_inputs(batch, dim, L, N, G=None, dtype=torch.float32, has_D=True, has_z=True, has_bias=True,
+                channel_last=False):
+    """Random inputs in the ranges a Mamba layer produces (S4D-real-like A, small delta)."""
+    dev = DEVICE
+
+    def act(shape):  # (batch, D, L), optionally a channel-last view of (batch, L, D)
+        if channel_last:
+            return torch.randn(shape[0], shape[2], shape[1], device=dev).transpose(1, 2).to(dtype)
+        return torch.randn(shape, device=dev).to(dtype)
+
+    u = act((batch, dim, L))  # (batch, D, L)
+    # Positive so that exp(delta A) < 1 with or without softplus (softplus maps it to ~0.7-1).
+    delta = (0.5 * act((batch, dim, L)).float().abs() + 0.05).to(dtype)  # (batch, D, L)
+    A = -(torch.rand(dim, N, device=dev) * 4 + 0.5)  # (D, N) real, negative
+    bc_shape = (batch, N, L) if G is None else (batch, G, N, L)
+    B = torch.randn(bc_shape, device=dev).to(dtype)  # (batch, [G,] N, L)
+    C = torch.randn(bc_shape, device=dev).to(dtype)
+    D = torch.randn(dim, device=dev) if has_D else None  # (D,)
+    z = act((batch, dim, L)) if has_z else None  # (batch, D, L)
+    bias = (0.5 * torch.randn(dim, device=dev)) if has_bias else None  # (D,)
+    return [u, delta, A, B, C, D, z, bias]
+
+
+def random_seq_idx(batch, L):
+    """Non-decreasing document ids with a few random boundaries per row."""
+    seq = torch.zeros(batch, L, dtype=torch.int32)
+    for b in range(batch):
+        for cut in torch.randint(1, max(L, 2), (3,)).tolist():
+            seq[b, cut:] += 1
+    return seq.to(DEVICE)
+
+
+def check(inputs, softplus, seq_idx, dtype, last_state=True):
+    """Compare forward, last state and all gradients to autograd through the float64 reference."""
+    ins = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    ref_ins = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
+    kw = dict(delta_softplus=softplus, return_last_state=last_state, seq_idx=seq_idx)
+    out = selective_scan(*ins, **kw)
+    ref = selective_scan_ref(*ref_ins, **kw)
+    y, yr = (out[0], ref[0]) if last_state else (out, ref)
+    yd = y.detach()
+    assert y.dtype == inputs[0].dtype and y.shape == inputs[0].shape
+    tol = TOL[dtype]
+    assert rel_err(yd, yr.detach()) < tol, rel_err(yd, yr.detach())
+    gy = torch.randn_like(yr)
+    loss, loss_ref = (y.double() * gy).sum(), (yr * gy).sum()
+    if last_state:
+        assert out[1].dtype == torch.float32 and out[1].shape == (y.shape[0], y.shape[1], inputs[2].shape[1])
+        assert rel_err(out[1].detach(), ref[1].detach()) < tol, rel_err(out[1].detach(), ref[1].detach())
+        gl = torch.randn_like(ref[1])
+        loss, loss_ref = loss + (out[1].double() * gl).sum(), loss_ref + (ref[1] * gl).sum()
+    live = [i for i, t in enumerate(ins) if t is not None]
+    grads = torch.autograd.grad(loss, [ins[i] for i in live])
+    grads_ref = torch.autograd.grad(loss_ref, [ref_ins[i] for i in live])
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    for i, g, gr in zip(live, grads, grads_ref):
+        assert g.shape == inputs[i].shape and g.dtype == inputs[i].dtype, names[i]
+        err = rel_err(g, gr)
+        assert err < tol * (3 if dtype != torch.float32 else 1), f"grad {names[i]}: {err}"
+
+
+OPTIONS = {  # name: (has_D, has_z, has_bias, softplus, seq_idx, last_state)
+    "plain": (False, False, False, False, False, False),
+    "D_z": (True, True, False, False, False, True),
+    "bias_softplus": (False, False, True, True, False, False),
+    "all_seq": (True, True, True, True, True, True),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("N", [1, 16, 64])
+def test_scan_options(N, grouped, option, poison):
+    has_D, has_z, has_bias, softplus, use_seq, last = OPTIONS[option]
+    batch, L = 2, LENGTHS[-1]
+    dim = (64 if ON_GPU else (2 if N == 64 else 4))
+    G = 2 if grouped else None
+    inputs = make_inputs(batch, dim, L, N, G, has_D=has_D, has_z=has_z, has_bias=has_bias)
+    seq = random_seq_idx(batch, L) if use_seq else None
+    check(inputs, softplus, seq, torch.float32, last_state=last)
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_scan_lengths(L, poison):
+    inputs = make_inputs(2, 4, L, 16, None)
+    check(inputs, True, random_seq_idx(2, L), torch.float32)
+
+
+def test_scan_grouped_odd_channels_per_group(poison):
+    # D // G = 3 channels per group: blocks of channels must not straddle groups.
+    inputs = make_inputs(1, 6, LENGTHS[1], 4, G=2)
+    check(inputs, True, None, torch.float32)
+
+
+def test_scan_channel_last_strides(poison):
+    inputs = make_inputs(2, 4, LENGTHS[-1], 16, channel_last=True)
+    assert not inputs[0].is_contiguous()
+    check(inputs, True, None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scan_half_inputs(dtype, poison):
+    dim, L = (128, 300) if ON_GPU else (4, LENGTHS[-1])
+    inputs = make_inputs(2, dim, L, 16, dtype=dtype)
+    check(inputs, True, random_seq_idx(2, L), dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="realistic sizes only on the GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [16, 256])
+def test_scan_realistic_gpu(N, dtype):
+    inputs = make_inputs(2, 256, 1000, N, dtype=dtype)
+    check(inputs, True, random_seq_idx(2, 1000), dtype)
+
+
+def test_no_grad_forward_matches():
+    inputs = make_inputs(2, 4, LENGTHS[-1], 16)
+    with torch.no_grad():
+        y, last = selective_scan(*inputs, delta_softplus=True, return_last_state=True)
+    yr, lr = selective_scan_ref(*[t.double() for t in inputs], delta_softplus=True, return_last_state=True)
+    assert rel_err(y, yr) < 1e-4 and rel_err(last, lr) < 1e-4
+
+
+def test_seq_idx_equals_separate_sequences():
+    # Packing two documents with seq_idx == running them separately (Mamba-2 §8.3).
+    L1, L2 = 5, LENGTHS[-1] - 5
+    u, delta, A, B, C, D, z, bias = make_inputs(1, 4, L1 + L2, 16)
+    seq = torch.tensor([[0] * L1 + [1] * L2], dtype=torch.int32, device=DEVICE)
+    y = selective_scan(u, delta, A, B, C, D, z, bias, True, seq_idx=seq)
+    parts = [selective_scan(u[..., s], delta[..., s], A, B[..., s], C[..., s], D, z[..., s], bias, True)
+             for s in (slice(0, L1), slice(L1, None))]
+    assert rel_err(y, torch.cat(parts, -1)) < 1e-5
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inputs = [t.cpu() if t is not None else None for t in make_inputs(1, 3, 7, 2)]
+    y = selective_scan(*inputs, delta_softplus=True)
+    yr = selective_scan_ref(*inputs, delta_softplus=True)
+    assert torch.equal(y, yr)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_state_update_matches_scan(grouped):
+    batch, dim, L, N = 2, 6, 9, 8
+    G = 3 if grouped else None
+    u, delta, A, B, C, D, z, bias = [t.double() if t is not None else None
+                                     for t in make_inputs(batch, dim, L, N, G)]
+    y_ref, last_ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, True, return_last_state=True)
+    state = torch.zeros(batch, dim, N, dtype=torch.float64, device=DEVICE)  # (batch, D, N)
+    for t in range(L):
+        y_t = selective_state_update(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t],
+                                     dt_bias=bias, dt_softplus=True)
+        assert rel_err(y_t, y_ref[..., t]) < 1e-12
+    assert rel_err(state, last_ref) < 1e-12
+
+
+def test_state_update_fp32_state_bf16_inputs():
+    batch, dim, N = 2, 4, 16
+    state = torch.randn(batch, dim, N, device=DEVICE)
+    x, dt = torch.randn(batch, dim, device=DEVICE).bfloat16(), torch.randn(batch, dim, device=DEVICE).bfloat16()
+    A = -torch.rand(dim, N, device=DEVICE)
+    B, C = torch.randn(batch, N, device=DEVICE).bfloat16(), torch.randn(batch, N, device=DEVICE).bfloat16()
+    y = selective_state_update(state, x, dt, A, B, C, dt_softplus=True)
+    assert y.dtype == torch.bfloat16 and y.shape == (batch, dim) and state.dtype == torch.float32
+
+
+def _bad_cases():
+    def base():
+        return dict(zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], make_inputs(2, 4, 5, 3)))
+    cases = []
+    b = base(); b["A"] = b["A"].to(torch.complex64); cases.append((b, {}, "A"))
+    b = base(); b["A"] = -torch.rand(4, 257, device=DEVICE)
+    b["B"] = torch.randn(2, 257, 5, device=DEVICE); b["C"] = b["B"].clone(); cases.append((b, {}, "A"))
+    b = base(); b["delta"] = b["delta"][..., :4]; cases.append((b, {}, "delta"))
+    b = base(); b["u"] = b["u"][0]; cases.append((b, {}, "u"))
+    b = base(); b["u"] = b["u"].to(torch.int32); cases.append((b, {}, "u"))
+    b = base(); b["B"] = b["B"][:, :2]; cases.append((b, {}, "B"))
+    b = base(); b["C"] = torch.randn(2, 3, 3, 5, device=DEVICE); cases.append((b, {}, "C"))  # G=3 does not divide D=4
+    b = base(); b["D"] = torch.randn(5, device=DEVICE); cases.append((b, {}, "D"))
+    b = base(); b["z"] = b["z"][:, :3]; cases.append((b, {}, "z"))
+    b = base(); b["delta_bias"] = torch.randn(4, 1, device=DEVICE); cases.append((b, {}, "delta_bias"))
+    b = base(); cases.append((b, {"seq_idx": torch.zeros(2, 5, device=DEVICE)}, "seq_idx"))
+    b = base(); cases.append((b, {"seq_idx": torch.zeros(2, 4, dtype=torch.int32, device=DEVICE)}, "seq_idx"))
+    return cases
+
+
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_ref])
+@pytest.mark.parametrize("case", range(12))
+def test_bad_inputs(fn, case):
+    kwargs, extra, name = _bad_cases()[case]
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        fn(**kwargs, **extra)
