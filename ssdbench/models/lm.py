@@ -7,6 +7,12 @@ A mixer is any module with ``forward(x, seq_idx=None) -> y`` on (batch, L, d_mod
 Mixers may also implement ``flops_per_token(seq_len)`` (forward FLOPs that are not in their
 parameter count, e.g. attention's sequence term or SSD's chunk terms) and ``state_size()``
 (recurrent state size in numbers, for recall-vs-state plots).
+
+Recurrent decoding: a mixer that can decode token by token implements
+``allocate_state(batch, device, dtype) -> state`` and ``step(x_t, state) -> (y_t, state)`` with
+x_t, y_t (batch, d_model); the state is any tensor or tuple the mixer owns (it may be updated in
+place). ``LanguageModel.step`` chains them through the blocks, so a test can check that
+stepping through a sequence equals the full forward.
 """
 from __future__ import annotations
 
@@ -35,6 +41,14 @@ class Block(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
         return x
+
+    def step(self, x: torch.Tensor, state):
+        """One token: x (batch, d_model) -> (batch, d_model), advancing the mixer's state."""
+        y, state = self.mixer.step(self.norm1(x), state)
+        x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, state
 
 
 class LanguageModel(nn.Module):
@@ -96,6 +110,21 @@ class LanguageModel(nn.Module):
         x = self.norm_f(x)
         logits = F.linear(x, self.embedding.weight)  # tied head: (batch, L, padded_vocab)
         return logits[..., : self.vocab_size]
+
+    # ---- recurrent decoding -------------------------------------------------------------
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32) -> list:
+        """Per-layer recurrent states for ``step`` (mixers must implement allocate_state/step)."""
+        return [layer.mixer.allocate_state(batch, device, dtype) for layer in self.layers]
+
+    def step(self, input_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """input_ids (batch,) -> logits (batch, vocab_size) for that position, and the new state."""
+        x = self.embedding(input_ids)  # (batch, d_model)
+        new_state = []
+        for layer, s in zip(self.layers, state):
+            x, s = layer.step(x, s)
+            new_state.append(s)
+        logits = F.linear(self.norm_f(x), self.embedding.weight)[..., : self.vocab_size]
+        return logits, new_state
 
     # ---- accounting -------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
