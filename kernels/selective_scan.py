@@ -563,12 +563,17 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).to(cdt)
     h = torch.zeros((batch, dim, N), dtype=cdt, device=u.device)  # (batch, D, N)
     ys = []
+    # unbind once: indexing [..., t] inside the loop would make autograd scatter every step's
+    # gradient into a full-length zero tensor (quadratic in L in the backward).
+    dts, dtus = dt.unbind(-1), (dt * uf).unbind(-1)  # L x (batch, D)
+    Bs, Cs = Bx.unbind(-1), Cx.unbind(-1)  # L x (batch, D, N)
+    keeps = keep.unbind(-1) if keep is not None else None  # L x (batch,)
     for t in range(L):
-        a = torch.exp(dt[:, :, t, None] * Af)  # (batch, D, N)
-        if keep is not None:
-            a = a * keep[:, t, None, None]
-        h = a * h + (dt[:, :, t] * uf[:, :, t])[:, :, None] * Bx[:, :, :, t]  # (batch, D, N)
-        ys.append((h * Cx[:, :, :, t]).sum(-1))  # (batch, D)
+        a = torch.exp(dts[t][:, :, None] * Af)  # (batch, D, N)
+        if keeps is not None:
+            a = a * keeps[t][:, None, None]
+        h = a * h + dtus[t][:, :, None] * Bs[t]  # (batch, D, N)
+        ys.append((h * Cs[t]).sum(-1))  # (batch, D)
     y = torch.stack(ys, dim=-1)  # (batch, D, L)
     if D is not None:
         y = y + D.to(cdt)[:, None] * uf

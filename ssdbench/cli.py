@@ -16,7 +16,11 @@ GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads")
 SUBCOMMANDS = {
     "run": "train one configuration, or sweep many with -m (a Hydra application; see `ssdbench run --help`)",
     "table": "aggregate the result records under a results directory into a table (terminal, CSV, Markdown)",
+    "bench": "time a kernel on the GPU: ssd, scan (selective scan, conv), based, window (`ssdbench bench ssd --help`)",
 }
+
+# `ssdbench bench <name> ...` runs ssdbench.bench_<module>.main(argv)
+BENCHES = {"ssd": "bench_ssd", "scan": "bench_scan", "based": "bench_based", "window": "bench_window"}
 
 
 def available(group: str) -> list[str]:
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         sys.exit(_run(argv[1:]))
+    if argv and argv[0] == "bench" and len(argv) > 1 and argv[1] in BENCHES:
+        import importlib
+
+        importlib.import_module(f"ssdbench.{BENCHES[argv[1]]}").main(argv[2:])
+        return 0
 
     parser = argparse.ArgumentParser(
         prog="ssdbench",
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.add_parser("run", help=SUBCOMMANDS["run"], add_help=False)
+    bench = sub.add_parser("bench", help=SUBCOMMANDS["bench"], description=SUBCOMMANDS["bench"])
+    bench.add_argument("kernel", choices=sorted(BENCHES), help="which benchmark (its own --help lists options)")
     from ssdbench import table
 
     table.add_arguments(sub.add_parser("table", help=SUBCOMMANDS["table"],
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "table":
         return table.main(args)
-    return 0
+    return 0  # `bench` with a valid kernel was dispatched above
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ one line and exit code 2) -> Lightning fit with checkpointing -> final evaluatio
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
@@ -142,8 +143,24 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
+def _check_fields(node: DictConfig, group: str) -> None:
+    """Every key of a config group must be an argument of its _target_ (e.g. heads= on a model
+    without head structures), so the mistake is one line instead of a TypeError traceback."""
+    target = hydra.utils.get_object(node._target_)
+    params = inspect.signature(target).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in node:
+        if not key.startswith("_") and key not in params:
+            hint = " (heads= applies to models with head structures: mamba2, transformerpp)" \
+                if key == "head_structure" else ""
+            raise ConfigError(f"{group}.{key}", f"is not an option of {node._target_}{hint}")
+
+
 def _build(cfg: DictConfig):
     """Data and model from the config; ConfigError for anything invalid, before training."""
+    _check_fields(cfg.model, "model")
+    _check_fields(cfg.task, "task")
     datamodule = build(cfg.task)
     model = build(cfg.model)
     if getattr(datamodule, "vocab_size", None) is not None and model.vocab_size < datamodule.vocab_size:

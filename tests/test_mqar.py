@@ -1,7 +1,6 @@
 """Properties of the MQAR generator and datamodule (random seeds: any seed must satisfy them)."""
 import random
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,0 +1,1 @@
+# Hydra config group 'heads' (a package so that installed wheels carry it).
