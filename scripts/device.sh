@@ -16,15 +16,16 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 case $stage in
-  tests)
-    python3 -m pytest -q -m "not slow" -p no:cacheprovider --timeout 500 tests/ 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+  tests)  # optional arguments: test files (default: the whole suite)
+    python3 -m pytest -q -m "not slow" -p no:cacheprovider --timeout 500 ${@:-tests/} 2>&1 \
+      | tee "$OUT/tests.log" | tail -25 ;;
   bench)
     for b in ${@:-ssd scan based window}; do
       echo "== bench $b"
       python3 -m ssdbench.cli bench "$b" --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
     done ;;
-  train)
-    for m in transformerpp mamba2 mamba1 based; do
+  train)  # optional arguments: models (default: all four)
+    for m in ${@:-transformerpp mamba2 mamba1 based}; do
       python3 -m ssdbench.cli run model=$m progress_bar=false results_dir=/tmp/results study=gpu \
         trainer.max_steps=300 2>&1 | tail -14 | tee -a "$OUT/train.log"
     done ;;

@@ -12,11 +12,20 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = ["experiment=mqar_tiny", "progress_bar=false", "trainer=cpu"]
+# Transformer++ is the fastest model on a CPU; the zoo test below trains every architecture.
+TINY = ["experiment=mqar_tiny", "progress_bar=false", "trainer=cpu", "model=transformerpp"]
+
+
+def _env():
+    # conftest turns the Triton interpreter on for kernel tests; runs of the CLI must not
+    # inherit it (a user's CPU run never has it).
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def ssdbench(*args, cwd, check=None, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = _env()
     p = subprocess.run([sys.executable, "-m", "ssdbench.cli", *args], cwd=cwd, capture_output=True,
                        text=True, timeout=timeout, env=env)
     if check is not None:
@@ -32,12 +41,12 @@ def test_help_lists_subcommands(tmp_path):
     out = ssdbench("--help", cwd=tmp_path, check=0).stdout
     assert "run" in out and "table" in out
     out = ssdbench("run", "--help", cwd=tmp_path, check=0).stdout
-    assert "model: transformerpp" in out and "task: mqar" in out
+    assert "model: based, mamba1, mamba2, transformerpp" in out and "task: mqar" in out
 
 
 def test_single_run_then_sweep_then_table(tmp_path):
     p = ssdbench("run", *TINY, f"results_dir={tmp_path}", "study=one", cwd=tmp_path, check=0)
-    run_dir = tmp_path / "one" / "experiment=mqar_tiny,trainer=cpu"
+    run_dir = tmp_path / "one" / "experiment=mqar_tiny,model=transformerpp,trainer=cpu"
     r = record(run_dir)
     assert r["status"] == "ok" and r["global_step"] == 50
     assert r["tokens_seen"] == 50 * 64 * 32
@@ -51,8 +60,8 @@ def test_single_run_then_sweep_then_table(tmp_path):
     ssdbench("run", "-m", *TINY, f"results_dir={tmp_path}", "study=sweep", "model.d_model=16,32",
              cwd=tmp_path, check=0)
     dirs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if (d / "record.json").exists())
-    assert dirs == ["experiment=mqar_tiny,model.d_model=16,trainer=cpu",
-                    "experiment=mqar_tiny,model.d_model=32,trainer=cpu"]
+    assert dirs == ["experiment=mqar_tiny,model.d_model=16,model=transformerpp,trainer=cpu",
+                    "experiment=mqar_tiny,model.d_model=32,model=transformerpp,trainer=cpu"]
     out = ssdbench("table", str(tmp_path / "sweep"), cwd=tmp_path, check=0).stdout
     assert "2 runs" in out
     table = pd.read_csv(tmp_path / "sweep" / "table.csv")
@@ -62,20 +71,38 @@ def test_single_run_then_sweep_then_table(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["model=nope"], "unknown model 'nope' (available: transformerpp"),
+    (["model=nope"], "unknown model 'nope' (available: "),
     (["-m", "task=mqar,bogus"], "unknown task 'bogus'"),
     (["trainer=tpu"], "unknown trainer 'tpu'"),
     (["model.n_heads=5"], "model.d_model"),
     (["task.vocab_size=32"], "task.vocab_size"),
     (["task.train_segments=[{input_seq_len:32,num_kv_pairs:9,num_examples:8}]"], "num_kv_pairs"),
     (["trainer.max_steps=0"], "trainer.max_steps"),
+    (["+model.foo=1"], "model.foo"),
+    (["heads=nope"], "unknown heads 'nope'"),
+    (["heads=gva", "model.ngroups=3"], "model.ngroups"),
+    (["model=mamba2", "model.headdim=24"], "model.headdim"),
+    (["model=mamba1", "heads=mqa"], "model.head_structure"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):
-    p = ssdbench("run", *TINY, f"results_dir={tmp_path}", *args, cwd=tmp_path)
+    base = TINY if not any(a.startswith("model=") for a in args) else TINY[:-1]
+    p = ssdbench("run", *base, f"results_dir={tmp_path}", *args, cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert needle in p.stderr
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained
+
+
+@pytest.mark.parametrize("model,heads", [("mamba2", "mqa"), ("transformerpp", "gva"), ("mamba1", None),
+                                         ("based", None)])
+def test_models_and_head_structures_train(tmp_path, model, heads):
+    extra = [f"heads={heads}"] if heads else []
+    ssdbench("run", *TINY[:-1], f"results_dir={tmp_path}", f"model={model}", *extra,
+             "trainer.max_steps=10", cwd=tmp_path, check=0)
+    (r,) = [json.loads(p.read_text()) for p in tmp_path.rglob("record.json")]
+    assert r["status"] == "ok" and r["arch"] == model and r["global_step"] == 10
+    if heads:
+        assert r["config"]["model"]["head_structure"] == heads
 
 
 def test_table_on_missing_dir(tmp_path):
@@ -97,10 +124,11 @@ def test_divergence_is_reported(tmp_path):
 def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
     args = ["run", *TINY, f"results_dir={tmp_path}", "study=int", "trainer.max_steps=4000",
             "checkpoint_every=25", "trainer.val_check_interval=1000"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = _env()
     proc = subprocess.Popen([sys.executable, "-m", "ssdbench.cli", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    run_dir = tmp_path / "int" / "experiment=mqar_tiny,trainer.max_steps=4000,trainer.val_check_interval=1000,trainer=cpu"
+    run_dir = (tmp_path / "int" / "experiment=mqar_tiny,model=transformerpp,trainer.max_steps=4000,"
+               "trainer.val_check_interval=1000,trainer=cpu")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:

@@ -7,6 +7,7 @@ import torch
 
 from ssdbench.errors import ConfigError
 from ssdbench.lit import SequenceLM, warmup_cosine
+from ssdbench.models.mamba2 import Mamba2
 from ssdbench.models.transformerpp import TransformerPP
 
 V = 97
@@ -14,6 +15,12 @@ TINY = {
     "transformerpp": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4),
     "transformerpp-gqa": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
     "transformerpp-nope": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, rope=False),
+    "based": lambda: __import__("ssdbench.models.based", fromlist=["Based"]).Based(V, d_model=32, n_layers=3, n_heads=4, feature_dim=8, window=4, layer_pattern=["linear_attn", "sliding_window", "base_conv"]),
+    "based-chain": lambda: __import__("ssdbench.models.based", fromlist=["Based"]).Based(V, d_model=32, n_layers=2, n_heads=2, window=3, mlp=False, layer_pattern=["base_conv+linear_attn", "base_conv+sliding_window"]),
+    "mamba2": lambda: Mamba2(V, d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=8, impl="torch"),
+    "mamba2-mqa": lambda: Mamba2(V, d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=8,
+                                 head_structure="mqa", impl="torch"),
+    "mamba1": lambda: __import__("ssdbench.models.mamba1", fromlist=["Mamba1"]).Mamba1(V, d_model=32, n_layers=2, d_state=8, d_conv=3, impl="torch"),
 }
 
 

@@ -1,0 +1,926 @@
+"""Triton kernels of the chunked SSD scan (forward and backward) and their launchers.
+
+Layout of the work (Mamba-2 paper §6; symbols: Q chunk, T = min(Q, 64) the tile inside a
+chunk, P head dim, N state size, H heads; x, B, C carry their own group counts Hx, Gb, Gc):
+
+forward
+  _ssd_dt_fwd      dt -> dt' = clamp(softplus(dt + bias)), chunk-local cumsum cs of dt' A.
+  _ssd_state_fwd   steps (2)+(3): one program per (batch, head, P-tile, N-tile) walks the row
+                   in T-token tiles with the state in registers, S <- exp(sum dA) S + (dt x)^T B,
+                   writing S at every chunk start (the checkpoints) and at the end (final).
+  _ssd_chunk_fwd   steps (1)+(4): one program per (batch, chunk, T-tile, head):
+                   y = exp(cs) C S_prev^T + sum_{s-tiles <= t} (C B^T o L)(dt x) + D x, gated.
+backward (dy = dL/dy before the gate)
+  _ssd_gate_bwd    dy = dout silu(z), dz = dout y silu'(z).
+  _ssd_state_bwd   reverse walk: dS <- exp(sum dA) dS + (exp(cs) dy)^T C, written at chunk ends.
+  _ssd_chunk_bwd_dc  dC (summed over the heads of a C group) and per head <C_t, dC_t>.
+  _ssd_chunk_bwd_dx  dx (summed over the heads of an x group), d(dt x) . x, dD partials,
+                     and the pieces of the log-decay gradient.
+  _ssd_chunk_bwd_db  dB (summed over the heads of a B group).
+  _ssd_dt_bwd      d(dA) from the pieces (reverse cumsums inside a chunk), ddt, dA, dt_bias.
+
+The log-decay gradient. Inside a chunk, with cs the cumsum of dA from the chunk start,
+dL/d(dA_j) = sum over every term whose decay factor spans j:
+   sum_{t>=j, s<j} G_ts (pairs inside the chunk, G_ts = dy_t.(C_t.B_s) dt_s x_s M_ts)
+ + sum_{t>=j} dy_t . y_inter_t                    (outputs fed by the previous chunk's state)
+ + sum_{s<j} dt_s x_s^T dS_end B_s exp(cs_last - cs_s)   (inputs that reach the chunk end)
+ + exp(cs_last) <dS_end, S_prev>                 (the state carried through the chunk).
+The first sum is revcumsum_j(rowsum G - colsum G), with the T x T tiles of G formed once in
+fp32 (in _ssd_chunk_bwd_dc, from dy x^T and C B^T) so that the pairs inside [j, Q) cancel
+exactly; no Q x Q matrix is stored, only row sums and per-tile column sums.
+C B^T is computed once per chunk for all heads that share it (_ssd_bmm_cb) when B and C
+are shared (GH > 1 heads per (B group, C group) pair), else inside the kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    # operands in the input dtype (tensor cores); fp32 inputs (and the interpreter, whose
+    # bf16 dot is wrong) use exact fp32 products. PREC is kept for the call sites' sake.
+    if DT == "fp32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DT == "bf16emu":  # interpreter: round the operands as the GPU would, multiply in fp32
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32))
+    elif DT == "fp16emu":
+        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32))
+    elif DT == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+# ----------------------------------------------------------------------------------------
+# dt processing and the chunk-local cumulative log-decay
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _ssd_dt_fwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, cs_ptr,
+                L, H, s_dt_b, s_dt_l, s_dt_h, lo, hi,
+                Q: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    h = tl.program_id(2) * BH + tl.arange(0, BH)  # (BH,)
+    t = c * Q + tl.arange(0, Q)  # (Q,)
+    m = (t < L)[:, None] & (h < H)[None, :]  # (Q, BH)
+    v = tl.load(dt_ptr + b * s_dt_b + t[:, None] * s_dt_l + h[None, :] * s_dt_h, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + h, mask=h < H, other=0.0).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        v = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(v)))
+    if HAS_LIMIT:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    v = tl.where(m, v, 0.0)  # padded steps: dt' = 0, decay 1, no input
+    A = tl.load(A_ptr + h, mask=h < H, other=0.0).to(tl.float32)  # (BH,)
+    cs = tl.cumsum(v * A[None, :], axis=0)  # (Q, BH)
+    off = (b * H + h[None, :]) * L + t[:, None]  # (Q, BH) into (batch, H, L)
+    tl.store(dtp_ptr + off, v, mask=m)
+    tl.store(cs_ptr + off, cs, mask=m)
+
+
+# ----------------------------------------------------------------------------------------
+# steps (2) + (3): chunk states and the recurrence over them, one sequential walk per row
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _ssd_state_fwd(x_ptr, B_ptr, dtp_ptr, A_ptr, seq_ptr, init_ptr, st_ptr, fin_ptr,
+                   L, H, P, N, HPX, HPB,
+                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
+                   si_b, si_h, si_p, si_n,
+                   Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                   DT: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    p = tl.program_id(1) * BP + tl.arange(0, BP)  # (BP,)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)  # (BN,)
+    pn_mask = (p < P)[:, None] & (n < N)[None, :]  # (BP, BN)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if HAS_INIT:
+        S = tl.load(init_ptr + b * si_b + h * si_h + p[:, None] * si_p + n[None, :] * si_n,
+                    mask=pn_mask, other=0.0).to(tl.float32)  # (BP, BN)
+    else:
+        S = tl.zeros((BP, BN), dtype=tl.float32)
+    x_base = x_ptr + b * sx_b + (h // HPX) * sx_h
+    B_base = B_ptr + b * sB_b + (h // HPB) * sB_g
+    dt_base = dtp_ptr + (b * H + h) * L
+    nc = tl.cdiv(L, Q)
+    st_base = st_ptr + ((b * nc) * H + h) * P * N
+    st_off = p[:, None] * N + n[None, :]  # (BP, BN)
+    if HAS_SEQ:
+        seq_prev = tl.load(seq_ptr + b * ss_b)  # the row's first seq carries the initial state
+    nblk = tl.cdiv(L, T)
+    for blk in range(0, nblk):
+        t0 = blk * T
+        if t0 % Q == 0:  # checkpoint: the state entering chunk t0 // Q
+            tl.store(st_base + (t0 // Q) * H * P * N + st_off, S.to(st_ptr.dtype.element_ty), mask=pn_mask)
+        t = t0 + tl.arange(0, T)  # (T,)
+        tm = t < L
+        dtv = tl.load(dt_base + t, mask=tm, other=0.0)  # (T,)
+        cs = tl.cumsum(dtv * A, axis=0)  # (T,)
+        total = tl.sum(dtv * A, axis=0)
+        w = tl.exp(total - cs) * dtv  # (T,) decay to the tile end times dt
+        decay = tl.exp(total)
+        if HAS_SEQ:
+            seq_last = tl.load(seq_ptr + b * ss_b + (tl.minimum(t0 + T, L) - 1) * ss_l)
+            sq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
+            w = tl.where(sq == seq_last, w, 0.0)  # only the tile's last seq reaches its end
+            decay = tl.where(seq_last == seq_prev, decay, 0.0)  # reset inside/at the tile
+            seq_prev = seq_last
+        xT = tl.load(x_base + t[None, :] * sx_l + p[:, None] * sx_p,
+                     mask=tm[None, :] & (p < P)[:, None], other=0.0)  # (BP, T)
+        Bt = tl.load(B_base + t[:, None] * sB_l + n[None, :] * sB_n,
+                     mask=tm[:, None] & (n < N)[None, :], other=0.0)  # (T, BN)
+        S = S * decay + _dot(xT * w[None, :], Bt, DT, PREC)  # (BP, BN)
+    tl.store(fin_ptr + (b * H + h) * P * N + st_off, S, mask=pn_mask)
+
+
+@triton.jit
+def _ssd_state_bwd(dy_ptr, C_ptr, dtp_ptr, A_ptr, seq_ptr, dfin_ptr, dst_ptr, dinit_ptr,
+                   L, H, P, N, HPC,
+                   sy_b, sy_l, sy_h, sy_p, sC_b, sC_l, sC_g, sC_n, ss_b, ss_l,
+                   Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, HAS_DFIN: tl.constexpr,
+                   DT: tl.constexpr, PREC: tl.constexpr):
+    """Reverse walk of the state gradient dS = dL/dS (P x N), written at every chunk end."""
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    p = tl.program_id(1) * BP + tl.arange(0, BP)  # (BP,)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)  # (BN,)
+    pn_mask = (p < P)[:, None] & (n < N)[None, :]
+    st_off = p[:, None] * N + n[None, :]  # (BP, BN)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if HAS_DFIN:
+        dS = tl.load(dfin_ptr + (b * H + h) * P * N + st_off, mask=pn_mask, other=0.0)  # (BP, BN)
+    else:
+        dS = tl.zeros((BP, BN), dtype=tl.float32)
+    dy_base = dy_ptr + b * sy_b + h * sy_h
+    C_base = C_ptr + b * sC_b + (h // HPC) * sC_g
+    dt_base = dtp_ptr + (b * H + h) * L
+    nc = tl.cdiv(L, Q)
+    dst_base = dst_ptr + ((b * nc) * H + h) * P * N
+    nblk = tl.cdiv(L, T)
+    for i in range(0, nblk):
+        blk = nblk - 1 - i
+        t0 = blk * T
+        if ((t0 + T) % Q == 0) | (blk == nblk - 1):  # dS at the end of chunk t0 // Q
+            tl.store(dst_base + (t0 // Q) * H * P * N + st_off, dS.to(dst_ptr.dtype.element_ty), mask=pn_mask)
+        t = t0 + tl.arange(0, T)
+        tm = t < L
+        dtv = tl.load(dt_base + t, mask=tm, other=0.0)  # (T,)
+        cs = tl.cumsum(dtv * A, axis=0)  # (T,)
+        total = tl.sum(dtv * A, axis=0)
+        w = tl.where(tm, tl.exp(cs), 0.0)  # (T,) decay from the tile start to t
+        decay = tl.exp(total)
+        if HAS_SEQ:
+            seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(t0 - 1, 0) * ss_l)
+            seq_last = tl.load(seq_ptr + b * ss_b + (tl.minimum(t0 + T, L) - 1) * ss_l)
+            sq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
+            w = tl.where(sq == seq_prev, w, 0.0)
+            decay = tl.where(seq_last == seq_prev, decay, 0.0)
+        dyT = tl.load(dy_base + t[None, :] * sy_l + p[:, None] * sy_p,
+                      mask=tm[None, :] & (p < P)[:, None], other=0.0)  # (BP, T)
+        Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n,
+                     mask=tm[:, None] & (n < N)[None, :], other=0.0)  # (T, BN)
+        dS = dS * decay + _dot(dyT * w[None, :], Ct, DT, PREC)
+    tl.store(dinit_ptr + (b * H + h) * P * N + st_off, dS, mask=pn_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# C B^T per chunk, once for all the heads that share it (the "CB groups")
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _ssd_bmm_cb(B_ptr, C_ptr, cb_ptr, L, N, GH, HPB, HPC,
+                sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                Q: tl.constexpr, T: tl.constexpr, BN: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr):
+    """cb[b, c, k, t, s] = C_t . B_s (fp32) for all t, s of chunk c (every tile is written,
+    so readers may use any tile size); CB group k serves heads [k GH, (k+1) GH), which all
+    read the same B and C groups."""
+    NTB: tl.constexpr = Q // T
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    nc = tl.cdiv(L, Q)
+    tb = pid % NTB
+    c = (pid // NTB) % nc
+    b = (pid // NTB // nc).to(tl.int64)
+    t = c * Q + tb * T + tl.arange(0, T)
+    tm = t < L
+    n = tl.arange(0, BN)
+    nm = n < N
+    h0 = k * GH
+    Ct = tl.load(C_ptr + b * sC_b + (h0 // HPC) * sC_g + t[:, None] * sC_l + n[None, :] * sC_n,
+                 mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+    cb_base = cb_ptr + ((b * nc + c) * tl.num_programs(1) + k) * Q * Q
+    r = tl.arange(0, T)
+    for sb in range(0, NTB):
+        s = c * Q + sb * T + tl.arange(0, T)
+        sm = s < L
+        B_T = tl.load(B_ptr + b * sB_b + (h0 // HPB) * sB_g + s[None, :] * sB_l + n[:, None] * sB_n,
+                      mask=sm[None, :] & nm[:, None], other=0.0)  # (BN, T)
+        CB = _dot(Ct, B_T, DT, PREC)  # (T, T)
+        tl.store(cb_base + (tb * T + r[:, None]) * Q + sb * T + r[None, :], CB)
+
+
+# ----------------------------------------------------------------------------------------
+# steps (1) + (4): outputs of one T-tile of a chunk
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, st_ptr,
+                   cb_ptr, out_ptr, ypre_ptr,
+                   L, H, P, N, HPX, HPB, HPC, GH,
+                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                   sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, so_p, ss_b, ss_l, sD_h, sD_p,
+                   Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                   STORE_YPRE: tl.constexpr, USE_CB: tl.constexpr,
+                   DT: tl.constexpr, PREC: tl.constexpr):
+    NTB: tl.constexpr = Q // T
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    tb = pid % NTB
+    c = (pid // NTB) % tl.cdiv(L, Q)
+    b = (pid // NTB // tl.cdiv(L, Q)).to(tl.int64)
+    nc = tl.cdiv(L, Q)
+    t = c * Q + tb * T + tl.arange(0, T)  # (T,)
+    tm = t < L
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    x_base = x_ptr + b * sx_b + (h // HPX) * sx_h
+    B_base = B_ptr + b * sB_b + (h // HPB) * sB_g
+    C_base = C_ptr + b * sC_b + (h // HPC) * sC_g
+    cs_base = cs_ptr + (b * H + h) * L
+    dt_base = dtp_ptr + (b * H + h) * L
+    cs_t = tl.load(cs_base + t, mask=tm, other=0.0)  # (T,)
+    Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+    # (4) state -> output: tokens of the seq the incoming state belongs to
+    inter = tl.exp(cs_t)
+    if HAS_SEQ:
+        sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
+        seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
+        inter = tl.where(sq_t == seq_prev, inter, 0.0)
+    S_T = tl.load(st_ptr + ((b * nc + c) * H + h) * P * N + p[None, :] * N + n[:, None],
+                  mask=pm[None, :] & nm[:, None], other=0.0)  # (BN, BP) = S_prev^T
+    acc = _dot(Ct, S_T, DT, PREC) * inter[:, None]  # (T, BP)
+    # (1) diagonal blocks: (C B^T o L)(dt x) over the s-tiles up to this one
+    for sb in range(0, tb + 1):
+        s = c * Q + sb * T + tl.arange(0, T)  # (T,)
+        sm = s < L
+        cs_s = tl.load(cs_base + s, mask=sm, other=0.0)
+        dt_s = tl.load(dt_base + s, mask=sm, other=0.0)
+        if USE_CB:  # shared by the heads of a CB group: computed once by _ssd_bmm_cb
+            r = tl.arange(0, T)
+            CB = tl.load(cb_ptr + ((b * nc + c) * (H // GH) + h // GH) * Q * Q
+                         + (tb * T + r[:, None]) * Q + sb * T + r[None, :])  # (T, T)
+        else:
+            B_T = tl.load(B_base + s[None, :] * sB_l + n[:, None] * sB_n, mask=sm[None, :] & nm[:, None], other=0.0)  # (BN, T)
+            CB = _dot(Ct, B_T, DT, PREC)  # (T, T)
+        keep = (s[None, :] <= t[:, None]) & sm[None, :]
+        if HAS_SEQ:
+            sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
+            keep = keep & (sq_s[None, :] == sq_t[:, None])
+        Lm = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]  # (T, T)
+        xs = tl.load(x_base + s[:, None] * sx_l + p[None, :] * sx_p, mask=sm[:, None] & pm[None, :], other=0.0)  # (T, BP)
+        acc += _dot(CB * Lm, xs, DT, PREC)
+    tp_mask = tm[:, None] & pm[None, :]
+    if HAS_D:
+        xt = tl.load(x_base + t[:, None] * sx_l + p[None, :] * sx_p, mask=tp_mask, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + h * sD_h + p * sD_p, mask=pm, other=0.0).to(tl.float32)  # (BP,)
+        acc += xt * Dv[None, :]
+    o_off = b * so_b + h * so_h + t[:, None] * so_l + p[None, :] * so_p  # (T, BP)
+    if STORE_YPRE:
+        tl.store(ypre_ptr + o_off, acc.to(ypre_ptr.dtype.element_ty), mask=tp_mask)
+    if HAS_Z:
+        zt = tl.load(z_ptr + b * sz_b + h * sz_h + t[:, None] * sz_l + p[None, :] * sz_p, mask=tp_mask, other=0.0).to(tl.float32)
+        acc = acc * zt * tl.sigmoid(zt)
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=tp_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _ssd_gate_bwd(dout_ptr, z_ptr, y_ptr, dy_ptr, dz_ptr, R, L, H, P,
+                  sd_b, sd_l, sd_h, sd_p, sz_b, sz_l, sz_h, sz_p,
+                  BR: tl.constexpr, BP: tl.constexpr):
+    """out = y silu(z): dy = dout silu(z), dz = dout y silu'(z); y, dy, dz contiguous."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)  # (BR,) rows of (batch, L, H)
+    p = tl.arange(0, BP)
+    bb = (r // (L * H)).to(tl.int64)
+    ll = (r // H) % L
+    hh = r % H
+    m = (r < R)[:, None] & (p < P)[None, :]  # (BR, BP)
+    do = tl.load(dout_ptr + bb[:, None] * sd_b + ll[:, None] * sd_l + hh[:, None] * sd_h + p[None, :] * sd_p, mask=m, other=0.0).to(tl.float32)
+    zz = tl.load(z_ptr + bb[:, None] * sz_b + ll[:, None] * sz_l + hh[:, None] * sz_h + p[None, :] * sz_p, mask=m, other=0.0).to(tl.float32)
+    off = r.to(tl.int64)[:, None] * P + p[None, :]
+    yy = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(zz)
+    tl.store(dy_ptr + off, (do * zz * sg).to(dy_ptr.dtype.element_ty), mask=m)
+    tl.store(dz_ptr + off, (do * yy * sg * (1.0 + zz * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_ptr, cb_ptr,
+                      dC_ptr, row_ptr, dda_ptr,
+                      L, H, P, N, HPX, HPB, HPC, GH, HS,
+                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                      sy_b, sy_l, sy_h, sy_p, ss_b, ss_l,
+                      Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, ATOMIC: tl.constexpr,
+                      DT: tl.constexpr, PREC: tl.constexpr):
+    """For one T-tile of a chunk and one C group (or 1/HS of its heads, adding atomically):
+    dC_t = sum_h [exp(cs_t) S_prev^T dy_t + sum_{s<=t} M_ts dt_s (dy_t.x_s) B_s];
+    per head, row_t = dy_t . y_inter_t + sum_s G_ts and the column sums of G for this
+    t-tile, where G_ts = (dy_t.x_s)(C_t.B_s) dt_s M_ts is formed once in fp32: the row and
+    column sums then cancel exactly in revcumsum(row - col) (computed from two different
+    bf16 products they did not: 10-100% error in dA was seen on the GPU)."""
+    NTB: tl.constexpr = Q // T
+    pid = tl.program_id(0)
+    g = tl.program_id(1) // HS
+    hs = tl.program_id(1) % HS
+    nc = tl.cdiv(L, Q)
+    tb = pid % NTB
+    c = (pid // NTB) % nc
+    b = (pid // NTB // nc).to(tl.int64)
+    t = c * Q + tb * T + tl.arange(0, T)
+    tm = t < L
+    r = tl.arange(0, T)
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    Ct = tl.load(C_ptr + b * sC_b + g * sC_g + t[:, None] * sC_l + n[None, :] * sC_n,
+                 mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+    Ctf = Ct.to(tl.float32)
+    if HAS_SEQ:
+        sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
+        seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
+    acc = tl.zeros((T, BN), dtype=tl.float32)
+    for hh in range(0, HPC // HS):
+        h = g * HPC + hs * (HPC // HS) + hh
+        x_base = x_ptr + b * sx_b + (h // HPX) * sx_h
+        B_base = B_ptr + b * sB_b + (h // HPB) * sB_g
+        cs_base = cs_ptr + (b * H + h) * L
+        dt_base = dtp_ptr + (b * H + h) * L
+        cb_base = cb_ptr + ((b * nc + c) * (H // GH) + h // GH) * Q * Q
+        cs_t = tl.load(cs_base + t, mask=tm, other=0.0)
+        dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
+                      mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
+        inter = tl.exp(cs_t)
+        if HAS_SEQ:
+            inter = tl.where(sq_t == seq_prev, inter, 0.0)
+        S = tl.load(st_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                    mask=pm[:, None] & nm[None, :], other=0.0)  # (BP, BN) S_prev
+        dCh = _dot(dyt, S, DT, PREC) * inter[:, None]  # (T, BN)
+        a_t = tl.sum(Ctf * dCh, axis=1)  # (T,) dy_t . y_inter_t
+        rowg = tl.zeros((T,), dtype=tl.float32)  # rowsum of G over the s-tiles done
+        for sb in range(0, tb + 1):
+            s = c * Q + sb * T + tl.arange(0, T)
+            sm = s < L
+            cs_s = tl.load(cs_base + s, mask=sm, other=0.0)
+            dt_s = tl.load(dt_base + s, mask=sm, other=0.0)
+            xT = tl.load(x_base + s[None, :] * sx_l + p[:, None] * sx_p, mask=sm[None, :] & pm[:, None], other=0.0)  # (BP, T)
+            dyx = _dot(dyt, xT, DT, PREC)  # (T, T) dy_t . x_s
+            keep = (s[None, :] <= t[:, None]) & sm[None, :]
+            if HAS_SEQ:
+                sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
+                keep = keep & (sq_s[None, :] == sq_t[:, None])
+            Lm = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
+            W = dyx * Lm  # (T, T)
+            Bs = tl.load(B_base + s[:, None] * sB_l + n[None, :] * sB_n, mask=sm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+            dCh += _dot(W, Bs, DT, PREC)
+            if USE_CB:
+                CB = tl.load(cb_base + (tb * T + r[:, None]) * Q + sb * T + r[None, :])  # (T, T)
+            else:
+                B_T = tl.load(B_base + s[None, :] * sB_l + n[:, None] * sB_n, mask=sm[None, :] & nm[:, None], other=0.0)
+                CB = _dot(Ct, B_T, DT, PREC)
+            G = W * CB  # (T_t, T_s) fp32: row and column sums come from the same numbers
+            tl.store(dda_ptr + ((b * H + h) * NTB + tb) * L + s, tl.sum(G, axis=0), mask=sm)
+            rowg += tl.sum(G, axis=1)
+        tl.store(row_ptr + (b * H + h) * L + t, a_t + rowg, mask=tm)
+        acc += dCh
+    o = dC_ptr + (b * L + t[:, None]) * ((H // HPC) * N) + g * N + n[None, :]
+    if ATOMIC:
+        tl.atomic_add(o, acc, mask=tm[:, None] & nm[None, :])
+    else:
+        tl.store(o, acc.to(dC_ptr.dtype.element_ty), mask=tm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr, seq_ptr,
+                      st_ptr, dst_ptr, cb_ptr, dx_ptr, u_ptr, ddtd_ptr, scal_ptr, dD_ptr,
+                      L, H, P, N, HPX, HPB, HPC, GH, HS,
+                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                      sy_b, sy_l, sy_h, sy_p, ss_b, ss_l, sD_h, sD_p,
+                      Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, USE_CB: tl.constexpr,
+                      ATOMIC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """For one s-tile of a chunk and one x group: d(dt x)_s per head
+    = sum_{t>=s} M_ts (C_t.B_s) dy_t + exp(cs_last - cs_s) dS_end B_s, then dx, the dt terms,
+    dD partials and the pieces of the log-decay gradient."""
+    NTB: tl.constexpr = Q // T
+    pid = tl.program_id(0)
+    gx = tl.program_id(1) // HS
+    hs = tl.program_id(1) % HS
+    nc = tl.cdiv(L, Q)
+    sb = pid % NTB
+    c = (pid // NTB) % nc
+    b = (pid // NTB // nc).to(tl.int64)
+    s = c * Q + sb * T + tl.arange(0, T)  # (T,)
+    sm = s < L
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    sp_mask = sm[:, None] & pm[None, :]
+    xs = tl.load(x_ptr + b * sx_b + gx * sx_h + s[:, None] * sx_l + p[None, :] * sx_p,
+                 mask=sp_mask, other=0.0)  # (T, BP)
+    xf = xs.to(tl.float32)
+    c_last = tl.minimum(c * Q + Q, L) - 1
+    if HAS_SEQ:
+        sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
+        seq_last = tl.load(seq_ptr + b * ss_b + c_last * ss_l)
+        seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
+    acc = tl.zeros((T, BP), dtype=tl.float32)
+    for hh in range(0, HPX // HS):
+        h = gx * HPX + hs * (HPX // HS) + hh
+        B_base = B_ptr + b * sB_b + (h // HPB) * sB_g
+        C_base = C_ptr + b * sC_b + (h // HPC) * sC_g
+        cs_base = cs_ptr + (b * H + h) * L
+        cs_s = tl.load(cs_base + s, mask=sm, other=0.0)
+        dt_s = tl.load(dtp_ptr + (b * H + h) * L + s, mask=sm, other=0.0)
+        cs_last = tl.load(cs_base + c_last)
+        Bs = tl.load(B_base + s[:, None] * sB_l + n[None, :] * sB_n, mask=sm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+        keep_u = sm
+        if HAS_SEQ:
+            keep_u = keep_u & (sq_s == seq_last)
+        wst = tl.exp(tl.where(keep_u, cs_last - cs_s, float("-inf")))  # (T,)
+        st_off = ((b * nc + c) * H + h) * P * N
+        dS_T = tl.load(dst_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)  # (BN, BP)
+        dstate = _dot(Bs, dS_T, DT, PREC) * wst[:, None]  # (T, BP)
+        dintra = tl.zeros((T, BP), dtype=tl.float32)
+        for tb in range(sb, NTB):
+            t = c * Q + tb * T + tl.arange(0, T)
+            tm = t < L
+            cs_t = tl.load(cs_base + t, mask=tm, other=0.0)
+            if USE_CB:
+                r = tl.arange(0, T)
+                BC = tl.load(cb_ptr + ((b * nc + c) * (H // GH) + h // GH) * Q * Q
+                             + (tb * T + r[None, :]) * Q + sb * T + r[:, None])  # (T_s, T_t) = CB^T
+            else:
+                C_T = tl.load(C_base + t[None, :] * sC_l + n[:, None] * sC_n, mask=tm[None, :] & nm[:, None], other=0.0)  # (BN, T)
+                BC = _dot(Bs, C_T, DT, PREC)  # (T_s, T_t)
+            keep = (t[None, :] >= s[:, None]) & tm[None, :]
+            if HAS_SEQ:
+                sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
+                keep = keep & (sq_t[None, :] == sq_s[:, None])
+            Mt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+            dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
+                          mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
+            dintra += _dot(BC * Mt, dyt, DT, PREC)
+        u = dt_s * tl.sum(xf * dstate, axis=1)  # (T,)
+        hL = (b * H + h) * L
+        tl.store(u_ptr + hL + s, u, mask=sm)
+        tl.store(ddtd_ptr + hL + s, tl.sum(xf * (dintra + dstate), axis=1), mask=sm)
+        acc += dt_s[:, None] * (dintra + dstate)
+        if HAS_D:
+            dys = tl.load(dy_ptr + b * sy_b + h * sy_h + s[:, None] * sy_l + p[None, :] * sy_p,
+                          mask=sp_mask, other=0.0).to(tl.float32)  # (T, BP)
+            Dv = tl.load(D_ptr + h * sD_h + p * sD_p, mask=pm, other=0.0).to(tl.float32)
+            acc += dys * Dv[None, :]
+            tl.store(dD_ptr + ((b * nc * NTB + c * NTB + sb) * H + h) * P + p, tl.sum(dys * xf, axis=0), mask=pm)
+        if sb == 0:
+            # exp(cs_last) <dS_end, S_prev>: the state carried through the whole chunk
+            S_T = tl.load(st_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)
+            sc = tl.exp(cs_last) * tl.sum(tl.sum(S_T.to(tl.float32) * dS_T.to(tl.float32), axis=1), axis=0)
+            if HAS_SEQ:
+                sc = tl.where(seq_last == seq_prev, sc, 0.0)
+            tl.store(scal_ptr + (b * H + h) * nc + c, sc)
+    o = dx_ptr + (b * L + s[:, None]) * ((H // HPX) * P) + gx * P + p[None, :]
+    if ATOMIC:
+        tl.atomic_add(o, acc, mask=sp_mask)
+    else:
+        tl.store(o, acc.to(dx_ptr.dtype.element_ty), mask=sp_mask)
+
+
+@triton.jit
+def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, dB_ptr,
+                      L, H, P, N, HPX, HPB, HPC, HS,
+                      sx_b, sx_l, sx_h, sx_p, sC_b, sC_l, sC_g, sC_n,
+                      sy_b, sy_l, sy_h, sy_p, ss_b, ss_l,
+                      Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      HAS_SEQ: tl.constexpr, ATOMIC: tl.constexpr,
+                      DT: tl.constexpr, PREC: tl.constexpr):
+    """dB_s = sum_h dt_s [sum_{t>=s} M_ts (dy_t.x_s) C_t + exp(cs_last - cs_s) dS_end^T x_s]."""
+    NTB: tl.constexpr = Q // T
+    pid = tl.program_id(0)
+    gb = tl.program_id(1) // HS
+    hs = tl.program_id(1) % HS
+    nc = tl.cdiv(L, Q)
+    sb = pid % NTB
+    c = (pid // NTB) % nc
+    b = (pid // NTB // nc).to(tl.int64)
+    s = c * Q + sb * T + tl.arange(0, T)
+    sm = s < L
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    c_last = tl.minimum(c * Q + Q, L) - 1
+    if HAS_SEQ:
+        sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
+        seq_last = tl.load(seq_ptr + b * ss_b + c_last * ss_l)
+    acc = tl.zeros((T, BN), dtype=tl.float32)
+    for hh in range(0, HPB // HS):
+        h = gb * HPB + hs * (HPB // HS) + hh
+        x_base = x_ptr + b * sx_b + (h // HPX) * sx_h
+        C_base = C_ptr + b * sC_b + (h // HPC) * sC_g
+        cs_base = cs_ptr + (b * H + h) * L
+        cs_s = tl.load(cs_base + s, mask=sm, other=0.0)
+        dt_s = tl.load(dtp_ptr + (b * H + h) * L + s, mask=sm, other=0.0)
+        cs_last = tl.load(cs_base + c_last)
+        xs = tl.load(x_base + s[:, None] * sx_l + p[None, :] * sx_p, mask=sm[:, None] & pm[None, :], other=0.0)  # (T, BP)
+        keep_u = sm
+        if HAS_SEQ:
+            keep_u = keep_u & (sq_s == seq_last)
+        wst = tl.exp(tl.where(keep_u, cs_last - cs_s, float("-inf")))
+        dS = tl.load(dst_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                     mask=pm[:, None] & nm[None, :], other=0.0)  # (BP, BN)
+        dBh = _dot(xs, dS, DT, PREC) * wst[:, None]  # (T, BN)
+        for tb in range(sb, NTB):
+            t = c * Q + tb * T + tl.arange(0, T)
+            tm = t < L
+            cs_t = tl.load(cs_base + t, mask=tm, other=0.0)
+            dyT = tl.load(dy_ptr + b * sy_b + h * sy_h + t[None, :] * sy_l + p[:, None] * sy_p,
+                          mask=tm[None, :] & pm[:, None], other=0.0)  # (BP, T)
+            xdy = _dot(xs, dyT, DT, PREC)  # (T_s, T_t)
+            keep = (t[None, :] >= s[:, None]) & tm[None, :]
+            if HAS_SEQ:
+                sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
+                keep = keep & (sq_t[None, :] == sq_s[:, None])
+            Mt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+            Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+            dBh += _dot(xdy * Mt, Ct, DT, PREC)
+        acc += dt_s[:, None] * dBh
+    o = dB_ptr + (b * L + s[:, None]) * ((H // HPB) * N) + gb * N + n[None, :]
+    if ATOMIC:
+        tl.atomic_add(o, acc, mask=sm[:, None] & nm[None, :])
+    else:
+        tl.store(o, acc.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _ssd_dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, seq_ptr, row_ptr, dda_ptr, u_ptr, ddtd_ptr,
+                scal_ptr, ddt_ptr, dAp_ptr, dbp_ptr,
+                L, H, s_dt_b, s_dt_l, s_dt_h, ss_b, ss_l, lo, hi,
+                Q: tl.constexpr, T: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    nc = tl.num_programs(1)
+    h = tl.program_id(2) * BH + tl.arange(0, BH)  # (BH,)
+    hm = h < H
+    t = c * Q + tl.arange(0, Q)  # (Q,)
+    m = (t < L)[:, None] & hm[None, :]  # (Q, BH)
+    off = (b * H + h[None, :]) * L + t[:, None]  # (Q, BH)
+    NTB: tl.constexpr = Q // T
+    v = tl.load(row_ptr + off, mask=m, other=0.0)  # (Q, BH) dy_t . y_inter_t + rowG_t
+    u = tl.load(u_ptr + off, mask=m, other=0.0)
+    sc = tl.load(scal_ptr + (b * H + h) * nc + c, mask=hm, other=0.0)  # (BH,)
+    # dL/d(dA_j) = sum_{t>=j} (rowG_t + dy_t.y_inter_t - colG_t) + sum_{s<j} u_s + scal
+    # (see the module docstring)
+    jt = tl.arange(0, Q) // T  # (Q,) tile of j
+    for tb in range(0, NTB):  # column sums of G from the t-tiles at or after j's tile
+        mt = m & (jt <= tb)[:, None]
+        v -= tl.load(dda_ptr + ((b * H + h[None, :]) * NTB + tb) * L + t[:, None], mask=mt, other=0.0)
+    cv = tl.cumsum(v, axis=0)
+    cu = tl.cumsum(u, axis=0)
+    ddA = (tl.sum(v, axis=0)[None, :] - cv + v) + (cu - u) + sc[None, :]
+    if HAS_SEQ:
+        sq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=t < L, other=0)
+        sq_m1 = tl.load(seq_ptr + b * ss_b + (t - 1) * ss_l, mask=(t > 0) & (t < L), other=0)
+        start = (t > 0) & (sq != sq_m1)  # first token of a new seq: its decay is replaced by 0
+        ddA = tl.where(start[:, None], 0.0, ddA)
+    ddA = tl.where(m, ddA, 0.0)
+    dtp = tl.load(dtp_ptr + off, mask=m, other=0.0)
+    A = tl.load(A_ptr + h, mask=hm, other=0.0).to(tl.float32)
+    ddt = tl.load(ddtd_ptr + off, mask=m, other=0.0) + A[None, :] * ddA  # (Q, BH)
+    tl.store(dAp_ptr + (b * nc + c) * H + h, tl.sum(dtp * ddA, axis=0), mask=hm)
+    raw = tl.load(dt_ptr + b * s_dt_b + t[:, None] * s_dt_l + h[None, :] * s_dt_h, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + h, mask=hm, other=0.0).to(tl.float32)[None, :]
+    if HAS_LIMIT:
+        if SOFTPLUS:
+            sp = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        else:
+            sp = raw
+        ddt = tl.where((sp >= lo) & (sp <= hi), ddt, 0.0)  # zero gradient where clamped
+    if SOFTPLUS:
+        ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
+    ddt = tl.where(m, ddt, 0.0)
+    tl.store(ddt_ptr + b * L * H + t[:, None] * H + h[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+    tl.store(dbp_ptr + (b * nc + c) * H + h, tl.sum(ddt, axis=0), mask=hm)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+# every buffer a kernel must fill comes from _alloc: tests replace it with a NaN filler so
+# that an element no kernel wrote cannot pass
+_alloc = torch.empty
+
+_BIG = 3.0e38  # stands for +inf in dt_limit (a finite float keeps the kernel argument simple)
+
+
+def _tuned(kernel, configs, key, reset_to_zero=None):
+    """Autotune on a GPU (small config list keyed on the shapes); under the interpreter the
+    first config is used as a fixed one (autotune needs a GPU)."""
+    if INTERPRET or os.environ.get("SSD_NO_AUTOTUNE") == "1":
+        cfg = configs[0]
+        fixed = dict(cfg.kwargs)
+        if not INTERPRET:
+            fixed.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return kernel, fixed
+    # reset_to_zero: outputs that are accumulated atomically must start from zero in every
+    # timing run of the autotuner, or the first (tuning) call returns a multiple of the sum
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(kernel), {}
+
+
+def _fixed(cfg: dict, BN: int) -> dict:
+    """A fixed config (no autotune) with one pipeline stage where wide N tiles would not fit
+    in shared memory (seen: N=256 needs more than the H100's 227 KB with two stages)."""
+    cfg = dict(cfg)
+    if BN > 128 and "num_stages" in cfg:
+        cfg["num_stages"] = 1
+    return cfg
+
+
+def _cfg(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+_STATE_CONFIGS = [_cfg(4, 2, BP=64, BN=64), _cfg(8, 2, BP=64, BN=64), _cfg(4, 3, BP=64, BN=64),
+                  _cfg(4, 2, BP=64, BN=32), _cfg(4, 3, BP=32, BN=64), _cfg(8, 3, BP=64, BN=128),
+                  _cfg(4, 2, BP=32, BN=32)]
+_CHUNK_CONFIGS = [_cfg(4, 2), _cfg(8, 2), _cfg(4, 3), _cfg(8, 3), _cfg(4, 1)]
+_state_fwd, _STATE_FWD_FIXED = _tuned(_ssd_state_fwd, _STATE_CONFIGS, ["L", "H", "P", "N"])
+_state_bwd, _STATE_BWD_FIXED = _tuned(_ssd_state_bwd, _STATE_CONFIGS, ["L", "H", "P", "N"])
+def _prune_T(configs, named_args, **kwargs):
+    Q = kwargs.get("Q", named_args.get("Q", 64))
+    ok = [c for c in configs if c.kwargs.get("T", 0) <= Q]
+    return ok or [triton.Config(dict(T=Q), num_warps=4, num_stages=1)]
+
+
+_CHUNK_FWD_CONFIGS = [_cfg(4, 2, T=64), _cfg(8, 2, T=64), _cfg(4, 3, T=64), _cfg(8, 2, T=128),
+                      _cfg(8, 1, T=128), _cfg(8, 3, T=128), _cfg(4, 2, T=128)]
+if INTERPRET or os.environ.get("SSD_NO_AUTOTUNE") == "1":
+    _chunk_fwd, _CHUNK_FWD_FIXED = _tuned(_ssd_chunk_fwd, _CHUNK_FWD_CONFIGS, None)
+else:
+    _chunk_fwd = triton.autotune(configs=_CHUNK_FWD_CONFIGS, key=["L", "H", "P", "N", "Q"],
+                                 prune_configs_by={"early_config_prune": _prune_T})(_ssd_chunk_fwd)
+    _CHUNK_FWD_FIXED = {}
+_chunk_dc, _CHUNK_DC_FIXED = _tuned(_ssd_chunk_bwd_dc, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPC", "HS"], ["dC_ptr"])
+_chunk_dx, _CHUNK_DX_FIXED = _tuned(_ssd_chunk_bwd_dx, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPX", "HS"], ["dx_ptr"])
+_chunk_db, _CHUNK_DB_FIXED = _tuned(_ssd_chunk_bwd_db, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPB", "HS"], ["dB_ptr"])
+
+
+def _dot_cfg(x: torch.Tensor):
+    """Operand dtype and precision of tl.dot: the input dtype on the GPU; fp32 under the
+    interpreter (its bf16 dot is wrong) and for fp32 inputs (exact fp32 products)."""
+    if INTERPRET and x.dtype in (torch.bfloat16, torch.float16):
+        return ("bf16emu" if x.dtype == torch.bfloat16 else "fp16emu"), "ieee"
+    if INTERPRET or x.dtype == torch.float32:
+        return "fp32", "ieee"
+    return ("bf16" if x.dtype == torch.bfloat16 else "fp16"), "tf32"
+
+
+def _ckpt_dtype(x):
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
+def _tiles(P: int, N: int, Q: int):
+    T = min(Q, 64)
+    BP = max(16, _next_pow2(P))
+    BN = max(16, _next_pow2(N))
+    return T, BP, BN
+
+
+def _limits(dt_limit):
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    has = (lo, hi) != (0.0, float("inf"))
+    return has, max(min(lo, _BIG), -_BIG), max(min(hi, _BIG), -_BIG)
+
+
+def _seq_args(seq_idx, dummy):
+    if seq_idx is None:
+        return dummy, 0, 0
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def _D_strides(D):
+    if D is None:
+        return 0, 0
+    return (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
+
+
+def _cb(B, C, H, L, N, Q, T, BN, nc, DT, PREC):
+    """cb (batch, nc, H // GH, Q, Q) fp32 when GH > 1 heads share each (B group, C group)
+    pair; else a placeholder (the kernels then form C B^T themselves)."""
+    batch, Gb, Gc = B.shape[0], B.shape[2], C.shape[2]
+    HPB, HPC = H // Gb, H // Gc
+    GH = math.gcd(HPB, HPC)
+    if GH == 1:
+        return GH, B
+    cb = _alloc((batch, nc, H // GH, Q, Q), device=B.device, dtype=torch.float32)  # (batch, nc, H/GH, Q, Q)
+    _ssd_bmm_cb[(batch * nc * (Q // T), H // GH)](
+        B, C, cb, L, N, GH, HPB, HPC, *B.stride(), *C.stride(),
+        Q=Q, T=T, BN=BN, DT=DT, PREC=PREC, num_warps=4, num_stages=2)
+    return GH, cb
+
+
+def ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+                seq_idx, need_ypre):
+    """Forward launch. Returns out (batch, L, H, P), final states (batch, H, P, N) fp32 and
+    what the backward needs (dtp, cs, states, ypre)."""
+    batch, L, Hx, P = x.shape
+    H = dt.shape[2]
+    Gb, N = B.shape[2], B.shape[3]
+    Gc = C.shape[2]
+    dev = x.device
+    nc = triton.cdiv(L, Q)
+    T, BP, BN = _tiles(P, N, Q)
+    DT, PREC = _dot_cfg(x)
+    has_lim, lo, hi = _limits(dt_limit)
+    seq, ss_b, ss_l = _seq_args(seq_idx, x)
+
+    # dt' and the chunk-local cumulative log-decay cs, both (batch, H, L) fp32
+    dtp = _alloc((batch, H, L), device=dev, dtype=torch.float32)  # (batch, H, L)
+    cs = _alloc((batch, H, L), device=dev, dtype=torch.float32)  # (batch, H, L)
+    BH = min(16, _next_pow2(H))
+    _ssd_dt_fwd[(batch, nc, triton.cdiv(H, BH))](
+        dt, dt_bias if dt_bias is not None else dt, A, dtp, cs, L, H, *dt.stride(), lo, hi,
+        Q=Q, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_lim)
+
+    # steps (2)+(3): checkpoints of the state at every chunk start, and the final state
+    # checkpoints in bf16 for bf16 inputs (they enter bf16 products anyway; half the bytes)
+    states = _alloc((batch, nc, H, P, N), device=dev, dtype=_ckpt_dtype(x))  # (batch, nc, H, P, N)
+    final = _alloc((batch, H, P, N), device=dev, dtype=torch.float32)  # (batch, H, P, N)
+    init = initial_states if initial_states is not None else final
+    si = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
+    grid = lambda META: (batch * H, triton.cdiv(P, META["BP"]), triton.cdiv(N, META["BN"]))
+    _state_fwd[grid](
+        x, B, dtp, A, seq, init, states, final, L, H, P, N, H // Hx, H // Gb,
+        *x.stride(), *B.stride(), ss_b, ss_l, *si,
+        Q=Q, T=T, HAS_SEQ=seq_idx is not None,
+        HAS_INIT=initial_states is not None, DT=DT, PREC=PREC, **_STATE_FWD_FIXED)
+
+    # C B^T per chunk for the heads that share it
+    GH, cb = _cb(B, C, H, L, N, Q, T, BN, nc, DT, PREC)
+
+    # steps (1)+(4): outputs
+    out = _alloc((batch, L, H, P), device=dev, dtype=x.dtype)  # (batch, L, H, P)
+    ypre = _alloc(out.shape, device=dev, dtype=out.dtype) if need_ypre else out  # (batch, L, H, P) y before the gate
+    zz = z if z is not None else x
+    sD = _D_strides(D)
+    fixed = _fixed(_CHUNK_FWD_FIXED, BN)
+    if "T" in fixed:
+        fixed["T"] = min(fixed["T"], Q)
+    grid = lambda META: (batch * nc * (Q // META["T"]), H)
+    _chunk_fwd[grid](
+        x, B, C, zz, D if D is not None else x, dtp, cs, seq, states, cb, out, ypre,
+        L, H, P, N, H // Hx, H // Gb, H // Gc, GH,
+        *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *out.stride(), ss_b, ss_l, *sD,
+        Q=Q, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
+        HAS_Z=z is not None, STORE_YPRE=need_ypre, USE_CB=GH > 1, DT=DT, PREC=PREC, **fixed)
+    return out, final, (dtp, cs, states, ypre if need_ypre else None, cb)
+
+
+def _head_split(programs, heads_per_group):
+    """Split the heads of a group over HS programs (adding atomically) until the launch has
+    enough programs to fill the GPU: with one B/C group, dB and dC would otherwise be
+    one program per tile looping over all H heads."""
+    hs = 1
+    while programs * hs < 4096 and heads_per_group % (2 * hs) == 0:
+        hs *= 2
+    return hs
+
+
+def _out_buf(shape, dtype, dev, hs):
+    if hs == 1:
+        return _alloc(shape, device=dev, dtype=dtype)
+    return torch.zeros(shape, device=dev, dtype=torch.float32)  # atomic fp32 accumulation
+
+
+def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit,
+                 initial_states, seq_idx, dtp, cs, states, ypre, cb):
+    """Backward launch. Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states."""
+    batch, L, Hx, P = x.shape
+    H = dt.shape[2]
+    Gb, N = B.shape[2], B.shape[3]
+    Gc = C.shape[2]
+    dev = x.device
+    nc = triton.cdiv(L, Q)
+    T, BP, BN = _tiles(P, N, Q)
+    NTB = Q // T
+    DT, PREC = _dot_cfg(x)
+    has_lim, lo, hi = _limits(dt_limit)
+    seq, ss_b, ss_l = _seq_args(seq_idx, x)
+    f32 = dict(device=dev, dtype=torch.float32)
+
+    # gate: dy = dL/dy before the gate
+    dz = None
+    if z is not None:
+        dy = _alloc((batch, L, H, P), device=dev, dtype=x.dtype)  # (batch, L, H, P)
+        dz = _alloc((batch, L, H, P), device=dev, dtype=z.dtype)  # (batch, L, H, P)
+        R = batch * L * H
+        BR = 64
+        _ssd_gate_bwd[(triton.cdiv(R, BR),)](dout, z, ypre, dy, dz, R, L, H, P,
+                                             *dout.stride(), *z.stride(), BR=BR, BP=BP)
+    else:
+        dy = dout  # (batch, L, H, P), any strides
+
+    # reverse walk of the state gradient: dS at every chunk end, and at the row start
+    dst = _alloc((batch, nc, H, P, N), device=dev, dtype=_ckpt_dtype(x))  # (batch, nc, H, P, N)
+    dinit = _alloc((batch, H, P, N), **f32)  # (batch, H, P, N)
+    grid = lambda META: (batch * H, triton.cdiv(P, META["BP"]), triton.cdiv(N, META["BN"]))
+    _state_bwd[grid](
+        dy, C, dtp, A, seq, dfinal if dfinal is not None else dinit, dst, dinit,
+        L, H, P, N, H // Gc, *dy.stride(), *C.stride(), ss_b, ss_l,
+        Q=Q, T=T, HAS_SEQ=seq_idx is not None, HAS_DFIN=dfinal is not None,
+        DT=DT, PREC=PREC, **_STATE_BWD_FIXED)
+
+    GH = math.gcd(H // Gb, H // Gc)
+    common = (L, H, P, N, H // Hx, H // Gb, H // Gc, GH)
+    base = batch * nc * NTB
+    # dC, dy . y_inter and the in-chunk pair sums of the log-decay gradient, per head
+    HSc = _head_split(base * Gc, H // Gc)
+    dC = _out_buf((batch, L, Gc, N), C.dtype, dev, HSc)  # (batch, L, Gc, N)
+    row = _alloc((batch, H, L), **f32)  # (batch, H, L)
+    dda = _alloc((batch, H, NTB, L), **f32)  # (batch, H, t-tile, L); read only where filled
+    _chunk_dc[(base, Gc * HSc)](
+        x, B, C, dy, dtp, cs, seq, states, cb, dC, row, dda, *common, HSc,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
+        Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=GH > 1, ATOMIC=HSc > 1,
+        DT=DT, PREC=PREC,
+        **_fixed(_CHUNK_DC_FIXED, BN))
+
+    # dx, the dt terms, dD partials, pieces of the log-decay gradient
+    HSx = _head_split(base * Hx, H // Hx)
+    dx = _out_buf((batch, L, Hx, P), x.dtype, dev, HSx)  # (batch, L, Hx, P)
+    u = _alloc((batch, H, L), **f32)  # (batch, H, L)
+    ddtd = _alloc((batch, H, L), **f32)  # (batch, H, L)
+    scal = _alloc((batch, H, nc), **f32)  # (batch, H, nc)
+    dDp = _alloc((batch, nc * NTB, H, P), **f32) if D is not None else scal  # (batch, tiles, H, P)
+    sD = _D_strides(D)
+    _chunk_dx[(base, Hx * HSx)](
+        x, B, C, dy, D if D is not None else x, A, dtp, cs, seq, states, dst, cb, dx, u, ddtd,
+        scal, dDp, *common, HSx,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l, *sD,
+        Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
+        USE_CB=GH > 1, ATOMIC=HSx > 1, DT=DT, PREC=PREC, **_fixed(_CHUNK_DX_FIXED, BN))
+
+    # dB
+    HSb = _head_split(base * Gb, H // Gb)
+    dB = _out_buf((batch, L, Gb, N), B.dtype, dev, HSb)  # (batch, L, Gb, N)
+    _chunk_db[(base, Gb * HSb)](
+        x, C, dy, dtp, cs, seq, dst, dB, *common[:7], HSb,
+        *x.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
+        Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, ATOMIC=HSb > 1, DT=DT, PREC=PREC,
+        **_fixed(_CHUNK_DB_FIXED, BN))
+
+    # d(dA) -> ddt, dA, dt_bias
+    ddt = _alloc((batch, L, H), device=dev, dtype=dt.dtype)  # (batch, L, H)
+    dAp = _alloc((batch, nc, H), **f32)  # (batch, nc, H)
+    dbp = _alloc((batch, nc, H), **f32)  # (batch, nc, H)
+    BH = min(16, _next_pow2(H))
+    _ssd_dt_bwd[(batch, nc, triton.cdiv(H, BH))](
+        dt, dt_bias if dt_bias is not None else dt, A, dtp, seq, row, dda, u, ddtd, scal,
+        ddt, dAp, dbp, L, H, *dt.stride(), ss_b, ss_l, lo, hi,
+        Q=Q, T=T, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        HAS_LIMIT=has_lim, HAS_SEQ=seq_idx is not None)
+
+    dx, dB, dC = dx.to(x.dtype), dB.to(B.dtype), dC.to(C.dtype)  # from fp32 where atomic
+    dA = dAp.sum((0, 1))  # (H,)
+    ddt_bias = dbp.sum((0, 1)) if dt_bias is not None else None  # (H,)
+    dD = None
+    if D is not None:
+        dD = dDp.sum((0, 1))  # (H, P)
+        if D.dim() == 1:
+            dD = dD.sum(-1)  # (H,)
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit

@@ -1,0 +1,183 @@
+"""Mamba-2: the SSD layer inside the parallel Mamba block (Dao & Gu 2024, §7).
+
+    u (batch, L, d_model)
+      -> in_proj -> [z | x B C | dt]              one projection, all in parallel
+      -> causal depthwise conv (width 4) + SiLU over x, B, C   (seq_idx-aware)
+      -> SSD: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D x_t
+      -> gated RMSNorm: norm(y * silu(z))
+      -> out_proj
+
+Symbols: P = headdim, H = d_inner / P heads, N = d_state, G = ngroups, Q = chunk_size.
+
+Head structures (§7; the attention correspondence C<->Q, B<->K, x<->V): which of x, B, C are
+per head, as (Hx, Gb, Gc) head counts given to the SSD kernel without copying:
+
+    head_structure  paper name                              Hx   Gb   Gc
+    mva             multi-value / multi-input (Mamba's)     H    1    1
+    mqa             multi-query / multi-contract            1    1    H
+    mka             multi-key / multi-expand                1    H    1
+    mha             multi-head                              H    H    H
+    gva             grouped-value (ngroups = G)             H    G    G
+
+With Hx = 1 the block projects x to a single head of P channels shared by all H heads; z and
+the output keep H * P = d_inner channels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ssdbench.errors import require, require_positive_int
+from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_step
+from ssdbench.models.layers import GatedRMSNorm
+from ssdbench.models.lm import LanguageModel
+
+HEAD_STRUCTURES = ("mva", "mqa", "mka", "mha", "gva")
+
+
+def head_counts(head_structure: str, H: int, ngroups: int) -> tuple[int, int, int]:
+    """(Hx, Gb, Gc): how many distinct x heads, B groups and C groups the structure has."""
+    return {"mva": (H, 1, 1), "mqa": (1, 1, H), "mka": (1, H, 1), "mha": (H, H, H),
+            "gva": (H, ngroups, ngroups)}[head_structure]
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 128, headdim: int = 64, expand: int = 2,
+                 ngroups: int = 1, head_structure: str = "gva", d_conv: int = 4, chunk_size: int = 256,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 A_init_range: tuple[float, float] = (1.0, 16.0), dt_limit: tuple[float, float] = (0.0, float("inf")),
+                 impl: str = "auto", norm_eps: float = 1e-5):
+        super().__init__()
+        self.d_model, self.N, self.P = d_model, d_state, headdim
+        self.d_inner = expand * d_model
+        self.H = self.d_inner // headdim
+        self.Hx, self.Gb, self.Gc = head_counts(head_structure, self.H, ngroups)
+        self.head_structure, self.ngroups = head_structure, ngroups
+        self.d_conv, self.chunk_size, self.impl = d_conv, chunk_size, impl
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.A_init_range, self.dt_limit = tuple(A_init_range), tuple(dt_limit)
+
+        # [z | x | B | C | dt] widths
+        self.splits = [self.d_inner, self.Hx * self.P, self.Gb * self.N, self.Gc * self.N, self.H]
+        self.conv_dim = self.Hx * self.P + (self.Gb + self.Gc) * self.N
+        self.in_proj = nn.Linear(d_model, sum(self.splits), bias=False)
+        # Depthwise conv parameters live in an nn.Conv1d for its default init; the computation
+        # goes through the project's causal_conv1d (seq_idx-aware, Triton on GPUs).
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.H))  # A = -exp(A_log), one scalar per head
+        self.dt_bias = nn.Parameter(torch.empty(self.H))
+        self.D = nn.Parameter(torch.ones(self.H))
+        for p in (self.A_log, self.dt_bias, self.D):
+            p._no_weight_decay = True
+        # Per-group norm for GVA (as mamba_ssm does, so tensor-parallel shards normalise alone).
+        groups = ngroups if head_structure == "gva" else 1
+        self.norm = GatedRMSNorm(self.d_inner, norm_eps, group_size=self.d_inner // groups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.out_proj._is_residual_out = True
+
+    @torch.no_grad()
+    def init_special(self) -> None:
+        """Paper init: A = -U(1, 16); dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max]."""
+        lo, hi = self.A_init_range
+        self.A_log.copy_(torch.empty(self.H).uniform_(lo, hi).log())
+        dt = torch.exp(torch.rand(self.H) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+        dt = dt.clamp(min=self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.D.fill_(1.0)
+
+    def _ssd(self, x, *args, **kwargs):
+        # auto: the Triton kernels on a GPU, the PyTorch reference on a CPU (even when the Triton
+        # interpreter is enabled: it is for testing kernels, far too slow to train with).
+        if self.impl == "torch" or (self.impl == "auto" and not x.is_cuda):
+            return ssd_chunked_ref(x, *args, **kwargs)
+        return ssd_chunked(x, *args, **kwargs)
+
+    def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        batch, L, _ = u.shape
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.H], dim=-1)
+        # the conv reads (batch, channels, L): a transposed view, no copy on the Triton path
+        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, activation="silu",
+                            seq_idx=seq_idx, impl="torch" if self.impl == "torch" else "auto").transpose(1, 2)
+        x, B, C = torch.split(xBC, self.splits[1:4], dim=-1)
+        x = x.reshape(batch, L, self.Hx, self.P)  # (batch, L, Hx, P)
+        B = B.reshape(batch, L, self.Gb, self.N)  # (batch, L, Gb, N)
+        C = C.reshape(batch, L, self.Gc, self.N)  # (batch, L, Gc, N)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        y = self._ssd(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                      dt_limit=self.dt_limit, seq_idx=seq_idx)  # (batch, L, H, P)
+        y = self.norm(y.reshape(batch, L, self.d_inner), z)  # (batch, L, d_inner)
+        return self.out_proj(y)
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32):
+        conv_state = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=torch.float32
+                                if dtype != torch.float64 else dtype)
+        return conv_state, ssm_state
+
+    def step(self, u: torch.Tensor, state):
+        """u (batch, d_model) -> (batch, d_model), advancing (conv_state, ssm_state)."""
+        conv_state, ssm_state = state
+        batch = u.shape[0]
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.H], dim=-1)
+        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        x, B, C = torch.split(xBC, self.splits[1:4], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ssd_step(ssm_state, x.reshape(batch, self.Hx, self.P), dt, A,
+                                B.reshape(batch, self.Gb, self.N), C.reshape(batch, self.Gc, self.N),
+                                D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        y = self.norm(y.reshape(batch, self.d_inner), z)
+        return self.out_proj(y), (conv_state, ssm_state)
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token beyond the projections (which the shell counts).
+
+        Per head, with Q = min(chunk, seq_len): (1) the diagonal block, C B^T (2QN) then the
+        masked product with x (2QP), counted over the full Q x Q block as dense kernels compute
+        it; (2) the chunk state B^T x (2NP); (3) the chunk-state recurrence (2NP / Q);
+        (4) the state-to-output product C h (2NP). Plus the depthwise conv (2 * width per channel).
+        """
+        Q = min(self.chunk_size, max(1, seq_len))
+        per_head = 2 * Q * (self.N + self.P) + 4 * self.N * self.P + 2 * self.N * self.P / Q
+        return int(self.H * per_head + 2 * self.conv_dim * self.d_conv)
+
+    def state_size(self) -> int:
+        """SSM state H * P * N plus the conv buffer (conv_dim * (width - 1))."""
+        return self.H * self.P * self.N + self.conv_dim * (self.d_conv - 1)
+
+
+class Mamba2(LanguageModel):
+    arch = "mamba2"
+
+    def __init__(self, vocab_size: int, d_model: int = 768, n_layers: int = 24, d_state: int = 128,
+                 headdim: int = 64, expand: int = 2, ngroups: int = 1, head_structure: str = "gva",
+                 d_conv: int = 4, chunk_size: int = 256, impl: str = "auto", dt_min: float = 1e-3,
+                 dt_max: float = 1e-1, dt_limit: tuple[float, float] = (0.0, float("inf")),
+                 norm_eps: float = 1e-5, init_std: float = 0.02, pad_vocab_multiple: int = 16):
+        for field, value in dict(d_model=d_model, n_layers=n_layers, d_state=d_state, headdim=headdim,
+                                 expand=expand, ngroups=ngroups, chunk_size=chunk_size).items():
+            require_positive_int(value, f"model.{field}")
+        require(head_structure in HEAD_STRUCTURES, "model.head_structure",
+                f"unknown head structure {head_structure!r} (choose from {', '.join(HEAD_STRUCTURES)})")
+        d_inner = expand * d_model
+        require(d_inner % headdim == 0, "model.headdim",
+                f"expand * d_model = {d_inner} is not divisible by headdim={headdim}")
+        H = d_inner // headdim
+        if head_structure == "gva":
+            require(H % ngroups == 0, "model.ngroups", f"the {H} heads are not divisible by ngroups={ngroups}")
+        require(chunk_size & (chunk_size - 1) == 0, "model.chunk_size", f"must be a power of two, got {chunk_size}")
+        require(2 <= d_conv <= 4, "model.d_conv", f"must be between 2 and 4, got {d_conv}")
+        require(impl in ("auto", "triton", "torch"), "model.impl", f"must be auto, triton or torch, got {impl!r}")
+        self.head_structure = head_structure
+        super().__init__(
+            vocab_size, d_model, n_layers,
+            make_mixer=lambda i: Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, head_structure,
+                                             d_conv, chunk_size, dt_min, dt_max, dt_limit=tuple(dt_limit),
+                                             impl=impl, norm_eps=norm_eps),
+            make_mlp=lambda i: None,
+            norm_eps=norm_eps, init_std=init_std, pad_vocab_multiple=pad_vocab_multiple,
+        )

@@ -1,0 +1,258 @@
+"""Tests of the chunked SSD scan: Triton kernels (GPU, or the interpreter on a CPU), the
+chunked PyTorch reference and the decoding step, all against the sequential recurrence in
+float64, forward and every gradient.
+
+Inputs are fresh random draws every test; the seed is printed in every failure message.
+"""
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, rel_err
+
+from ssdbench.kernels import ssd_triton
+from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_sequential_ref, ssd_step
+
+ON_GPU = DEVICE == "cuda"
+
+# head structures (Mamba-2 §7): name -> (Hx, Gb, Gc) as functions of H
+STRUCTS = {
+    "mva": lambda H: (H, 1, 1),  # multi-value / multi-input (Mamba's)
+    "mqa": lambda H: (1, 1, H),  # multi-query / multi-contract
+    "mka": lambda H: (1, H, 1),  # multi-key / multi-expand
+    "mha": lambda H: (H, H, H),  # multi-head
+    "gva": lambda H: (H, 2, 2),  # grouped-value, 2 groups
+}
+NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the kernels must fill starts as NaN, so an unwritten element fails."""
+    def nan_empty(*shape, **kw):
+        t = torch.empty(*shape, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(ssd_triton, "_alloc", nan_empty)
+
+
+def fresh_seed():
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    return seed
+
+
+def make_inputs(batch, L, H, P, N, struct="mva", D="h", z=True, bias=True, init=True,
+                seq=True, dtype=torch.float32, device=DEVICE):
+    Hx, Gb, Gc = STRUCTS[struct](H)
+    t = dict(
+        x=torch.randn(batch, L, Hx, P),
+        dt=torch.randn(batch, L, H) * 0.5 - 1.0,
+        A=-torch.exp(torch.rand(H) * math.log(16.0)),  # A = -U(1, 16) in log space, as in Mamba-2
+        B=torch.randn(batch, L, Gb, N),
+        C=torch.randn(batch, L, Gc, N),
+        D=None if D is None else (torch.randn(H) if D == "h" else torch.randn(H, P)),
+        z=torch.randn(batch, L, H, P) if z else None,
+        dt_bias=torch.randn(H) * 0.5 if bias else None,
+        initial_states=torch.randn(batch, H, P, N) if init else None,
+    )
+    t = {k: (None if v is None else v.to(device=device, dtype=dtype if k != "A" or dtype == torch.float64 else torch.float32))
+         for k, v in t.items()}
+    seq_idx = None
+    if seq:
+        # random non-decreasing ids, at least one boundary per row, not starting at 0
+        cuts = torch.rand(batch, L) < 3.0 / L
+        cuts[:, L // 2] = True
+        cuts[:, 0] = False
+        seq_idx = (torch.cumsum(cuts.int(), dim=1) + 3).to(torch.int32).to(device)
+    return t, seq_idx
+
+
+def run_and_grads(fn, t, seq_idx, chunk, softplus=True, limit=(0.0, float("inf")), final=True,
+                  grads_out=None):
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in t.items()}
+    res = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk,
+             D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=softplus,
+             dt_limit=limit, initial_states=leaves["initial_states"], seq_idx=seq_idx,
+             return_final_states=final)
+    y, fs = res if final else (res, None)
+    if grads_out is None:
+        grads_out = (torch.randn_like(y, dtype=torch.float64),
+                     None if fs is None else torch.randn_like(fs, dtype=torch.float64))
+    outs, gs = [y], [grads_out[0].to(y.dtype)]
+    if fs is not None:
+        outs.append(fs)
+        gs.append(grads_out[1].to(fs.dtype))
+    torch.autograd.backward(outs, gs)
+    grads = {k: (None if v is None else v.grad) for k, v in leaves.items()}
+    return y, fs, grads, grads_out
+
+
+def compare(fn, t, seq_idx, chunk, tol_y, tol_g, seed, softplus=True, limit=(0.0, float("inf")),
+            final=True, ref_fn=ssd_sequential_ref):
+    y, fs, g, go = run_and_grads(fn, t, seq_idx, chunk, softplus, limit, final)
+    t64 = {k: (None if v is None else v.detach().double()) for k, v in t.items()}
+    yr, fr, gr, _ = run_and_grads(ref_fn, t64, seq_idx, chunk, softplus, limit, final, go)
+    assert y.dtype == t["x"].dtype and y.shape == yr.shape
+    errs = {"y": rel_err(y.detach(), yr.detach())}
+    if final:
+        assert fs.dtype == (torch.float64 if t["x"].dtype == torch.float64 else torch.float32)
+        errs["final"] = rel_err(fs.detach(), fr.detach())
+    for k in NAMES:
+        if t[k] is not None:
+            assert g[k] is not None and g[k].shape == t[k].shape and g[k].dtype == t[k].dtype, k
+            errs["d" + k] = rel_err(g[k], gr[k])
+    # dA and ddt_bias are sums over every token whose terms cancel: a float32 PyTorch
+    # reference misses them by as much (seen 1e-5 .. 8e-4), so they get a wider margin; the
+    # per-token ddt above checks the same log-decay gradient tightly
+    wide = 20 if t["x"].dtype in (torch.float32, torch.float64) else 5
+    tol = {k: (tol_y if k in ("y", "final") else tol_g * (wide if k in ("dA", "ddt_bias") else 1)) for k in errs}
+    bad = {k: e for k, e in errs.items() if not e <= tol[k]}
+    assert not bad, f"seed={seed} errors={errs}"
+
+
+# ---------------------------------------------------------------------------------------
+# Triton path (interpreter on a CPU) against the float64 sequential recurrence
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("struct", list(STRUCTS))
+def test_head_structures(struct):
+    seed = fresh_seed()
+    t, seq = make_inputs(2, 45, 4, 16, 16, struct=struct)
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed)
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 16), (16, 16), (33, 16), (100, 32), (70, 64), (130, 128)])
+def test_lengths_and_chunks(L, chunk):
+    seed = fresh_seed()
+    t, seq = make_inputs(1, L, 2, 16, 32, struct="mva", seq=L > 2)
+    compare(ssd_chunked, t, seq, chunk, 2e-5, 2e-4, seed)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(D=None, z=False, bias=False, init=False, seq=False),
+    dict(D="hp", z=True, bias=False, init=False, seq=True),
+    dict(D="h", z=False, bias=True, init=True, seq=False),
+    dict(D=None, z=True, bias=True, init=True, seq=True),
+])
+@pytest.mark.parametrize("softplus,limit", [(True, (0.0, float("inf"))), (True, (0.05, 0.4)), (False, (0.0, float("inf")))])
+def test_options(opts, softplus, limit):
+    seed = fresh_seed()
+    t, seq = make_inputs(2, 40, 2, 16, 16, struct="gva", **opts)
+    if not softplus:
+        t["dt"] = t["dt"].abs() * 0.3  # dt is used as given: keep it positive
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, softplus=softplus, limit=limit)
+
+
+def test_no_final_states_and_odd_sizes():
+    """P and N that are not powers of two (masked tiles); no final state returned."""
+    seed = fresh_seed()
+    t, seq = make_inputs(2, 37, 3, 12, 20, struct="mha")
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, final=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    seed = fresh_seed()
+    t, seq = make_inputs(2, 50, 2, 16, 16, struct="mva", dtype=dtype)
+    # the reference sees the same rounded inputs, so only the kernel's own error is measured
+    compare(ssd_chunked, t, seq, 32, 1e-2, 2e-2, seed)
+
+
+def test_non_contiguous_inputs():
+    seed = fresh_seed()
+    t, seq = make_inputs(2, 40, 2, 16, 16, struct="mha")
+    big = {k: (None if v is None else torch.cat([v, v], dim=-1)) for k, v in t.items() if k in ("x", "B", "C", "z")}
+    nc = dict(t)
+    for k, v in big.items():
+        if v is not None:
+            nc[k] = v[..., ::2]  # stride 2 in the last dim
+    nc["dt"] = t["dt"].transpose(1, 2).contiguous().transpose(1, 2)  # (batch, L, H) with L fastest
+    assert not nc["x"].is_contiguous() and not nc["dt"].is_contiguous()
+    compare(ssd_chunked, nc, seq, 16, 2e-5, 2e-4, seed)
+
+
+# ---------------------------------------------------------------------------------------
+# the PyTorch references and the decoding step
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("struct", ["mva", "mqa", "gva"])
+def test_chunked_reference(struct):
+    seed = fresh_seed()
+    t, seq = make_inputs(2, 29, 4, 5, 6, struct=struct, D="hp", dtype=torch.float64, device="cpu")
+    compare(ssd_chunked_ref, t, seq, 8, 1e-10, 1e-10, seed, limit=(0.05, 2.0))
+
+
+def test_cpu_dispatch_uses_reference(monkeypatch):
+    """Without CUDA and without the interpreter ssd_chunked is the chunked reference."""
+    seed = fresh_seed()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    t, seq = make_inputs(1, 20, 2, 4, 4, dtype=torch.float32, device="cpu")
+    y = ssd_chunked(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, D=t["D"], z=t["z"],
+                    dt_bias=t["dt_bias"], dt_softplus=True, initial_states=t["initial_states"], seq_idx=seq)
+    yr = ssd_chunked_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, D=t["D"], z=t["z"],
+                         dt_bias=t["dt_bias"], dt_softplus=True, initial_states=t["initial_states"], seq_idx=seq)
+    assert torch.equal(y, yr), f"seed={seed}"
+
+
+def test_step_matches_scan():
+    seed = fresh_seed()
+    t, _ = make_inputs(2, 12, 4, 8, 8, struct="gva", D="hp", seq=False, dtype=torch.float64, device="cpu")
+    y, fs = ssd_sequential_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], 16, D=t["D"], z=t["z"],
+                               dt_bias=t["dt_bias"], dt_softplus=True, dt_limit=(0.01, 3.0),
+                               initial_states=t["initial_states"], return_final_states=True)
+    state = t["initial_states"]
+    for i in range(12):
+        yi, state = ssd_step(state, t["x"][:, i], t["dt"][:, i], t["A"], t["B"][:, i], t["C"][:, i],
+                             D=t["D"], z=t["z"][:, i], dt_bias=t["dt_bias"], dt_softplus=True,
+                             dt_limit=(0.01, 3.0))
+        assert rel_err(yi, y[:, i]) < 1e-12, f"seed={seed} step {i}"
+    assert rel_err(state, fs) < 1e-12, f"seed={seed}"
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------
+def _good():
+    t, seq = make_inputs(1, 8, 4, 4, 4, struct="mva", device="cpu")
+    return dict(x=t["x"], dt=t["dt"], A=t["A"], B=t["B"], C=t["C"], chunk_size=4, D=t["D"],
+                z=t["z"], dt_bias=t["dt_bias"], initial_states=t["initial_states"], seq_idx=seq)
+
+
+@pytest.mark.parametrize("name,change", [
+    ("x", lambda a: a["x"][:, :, :, :, None]),
+    ("dt", lambda a: a["dt"][:, :5]),
+    ("A", lambda a: a["A"][:3]),
+    ("B", lambda a: a["B"][:, :5]),
+    ("C", lambda a: a["C"][..., :3]),
+    ("C", lambda a: torch.randn(1, 8, 3, 4)),  # 3 groups do not divide 4 heads
+    ("x", lambda a: torch.randn(1, 8, 3, 4)),
+    ("chunk_size", lambda a: 12),
+    ("chunk_size", lambda a: 0),
+    ("D", lambda a: torch.randn(4, 5)),
+    ("z", lambda a: a["z"][:, :, :2]),
+    ("dt_bias", lambda a: torch.randn(5)),
+    ("initial_states", lambda a: a["initial_states"][..., :2]),
+    ("seq_idx", lambda a: torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]], dtype=torch.int32)),
+    ("seq_idx", lambda a: a["seq_idx"].float()),
+    ("x", lambda a: a["x"].int()),
+])
+def test_bad_input(name, change):
+    args = _good()
+    args[name] = change(args)
+    for fn in (ssd_chunked,):
+        with pytest.raises(ValueError, match=name):
+            fn(**args)
+
+
+# ---------------------------------------------------------------------------------------
+# on the GPU: realistic shapes in every dtype
+# ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(not ON_GPU, reason="realistic shapes and bf16/fp16 tensor-core dots need a GPU")
+@pytest.mark.parametrize("dtype,tol_y,tol_g", [(torch.float32, 1e-4, 1e-3), (torch.bfloat16, 1e-2, 2e-2),
+                                                (torch.float16, 5e-3, 1e-2)])
+@pytest.mark.parametrize("struct,N,L", [("mva", 128, 700), ("gva", 64, 512), ("mqa", 256, 300)])
+def test_gpu_realistic(dtype, tol_y, tol_g, struct, N, L):
+    seed = fresh_seed()
+    t, seq = make_inputs(2, L, 8, 64, N, struct=struct, D="h", dtype=dtype)
+    compare(ssd_chunked, t, seq, 256, tol_y, tol_g, seed,
+            ref_fn=lambda *a, **k: ssd_chunked_ref(*a, **k))
