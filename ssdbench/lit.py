@@ -29,7 +29,7 @@ class SequenceLM(L.LightningModule):
     def __init__(self, model: LanguageModel, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100,
                  min_lr: float = 1e-5, total_steps: int = 1000, slice_names: list[str] | None = None,
-                 fused_adamw: bool | None = None):
+                 fused_adamw: bool = False):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
@@ -114,8 +114,10 @@ class SequenceLM(L.LightningModule):
             {"params": [p for p in params if id(p) not in skip], "weight_decay": self.weight_decay},
             {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0},
         ]
-        fused = self.fused_adamw if self.fused_adamw is not None else torch.cuda.is_available()
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
+        # Fused AdamW unscales gradients inside its step, which Lightning's mixed-precision
+        # plugin refuses to combine with gradient clipping; the default (foreach on GPUs) is
+        # the fast path that allows clipping.
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=self.fused_adamw or None)
         min_ratio = min(1.0, self.min_lr / self.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, self.warmup_steps, self.total_steps, min_ratio))

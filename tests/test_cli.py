@@ -105,6 +105,13 @@ def test_models_and_head_structures_train(tmp_path, model, heads):
         assert r["config"]["model"]["head_structure"] == heads
 
 
+def test_mixed_precision_with_clipping(tmp_path):
+    """bf16 autocast + gradient clipping (the GPU default) also runs on a CPU: the optimizer
+    must be one that Lightning's mixed-precision plugin lets clip (not fused AdamW)."""
+    ssdbench("run", *TINY, f"results_dir={tmp_path}", "trainer.precision=bf16-mixed",
+             "trainer.max_steps=5", cwd=tmp_path, check=0)
+
+
 def test_table_on_missing_dir(tmp_path):
     p = ssdbench("table", str(tmp_path / "nothing"), cwd=tmp_path)
     assert p.returncode == 2 and "not a directory" in p.stderr
