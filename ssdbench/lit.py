@@ -37,6 +37,7 @@ class SequenceLM(L.LightningModule):
         self.fused_adamw = fused_adamw
         self.slice_names = list(slice_names or [])
         self.tokens_seen = 0  # training tokens, saved in checkpoints so resumes keep counting
+        self._batch_tokens = 0
         self._eval_reset()
 
     # ---- training -------------------------------------------------------------------------
@@ -52,10 +53,17 @@ class SequenceLM(L.LightningModule):
         loss, _ = self._loss(batch)
         if not torch.isfinite(loss):
             raise DivergedError(self.global_step, float(loss))
-        self.tokens_seen += batch["input_ids"].numel()
+        self._batch_tokens = batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Counted once the optimizer step is done (and before any checkpoint of this step is
+        # written): a step cut short by Ctrl-C or SIGTERM is redone after a resume and must
+        # not be counted twice.
+        self.tokens_seen += self._batch_tokens
 
     # ---- evaluation -------------------------------------------------------------------------
     def _eval_reset(self):

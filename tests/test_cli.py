@@ -129,12 +129,12 @@ def test_divergence_is_reported(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
-    args = ["run", *TINY, f"results_dir={tmp_path}", "study=int", "trainer.max_steps=4000",
+    args = ["run", *TINY, f"results_dir={tmp_path}", "study=int", "trainer.max_steps=2000",
             "checkpoint_every=25", "trainer.val_check_interval=1000"]
     env = _env()
     proc = subprocess.Popen([sys.executable, "-m", "ssdbench.cli", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    run_dir = (tmp_path / "int" / "experiment=mqar_tiny,model=transformerpp,trainer.max_steps=4000,"
+    run_dir = (tmp_path / "int" / "experiment=mqar_tiny,model=transformerpp,trainer.max_steps=2000,"
                "trainer.val_check_interval=1000,trainer=cpu")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
@@ -147,10 +147,10 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
     r = record(run_dir)
     assert r["status"] == "interrupted", out[-2000:]
     stopped_at = r["global_step"]
-    assert 0 < stopped_at < 4000
+    assert 0 < stopped_at < 2000
 
     ssdbench(*args, cwd=tmp_path, check=0)
     r = record(run_dir)
-    assert r["status"] == "ok" and r["global_step"] == 4000
+    assert r["status"] == "ok" and r["global_step"] == 2000
     assert r["resumed_from"] == str(ckpt)
-    assert r["tokens_seen"] == 4000 * 64 * 32  # the count survives the resume
+    assert r["tokens_seen"] == 2000 * 64 * 32  # the count survives the resume
