@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+from ssdbench import bench_report
 import torch
 
 
@@ -42,15 +44,6 @@ def based_bytes(batch, L, H, F, P, esize, backward, n_vblocks=1):
         return fwd
     bwd = tok * ((2 * F + 3 * P) * esize + 8 + 2 * 4 * F * n_vblocks)  # q,k,v,dy,dv; den,delta; dq,dk
     return fwd + bwd
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                                         for c in cols) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def bench_based_case(do_bench, L, tokens, H, F, P, dtype, normalize=True, backward=True):
@@ -159,24 +152,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                  fwd_GBs=by_f / f / 1e6, fwdbwd_GBs=float("nan")))
                 print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=f"Based Taylor linear attention ({args.dtype}, {tokens} tokens/batch, H={H}, F={F}, P={P})")
-        for c in df.columns:
-            t.add_column(c)
-        for _, r in df.iterrows():
-            t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in df.columns])
-        Console().print(t)
-    except ImportError:
-        print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out / "based_bench.csv", index=False)
-        cmd = "python -m ssdbench.bench_based " + " ".join(argv if argv is not None else sys.argv[1:])
-        (args.out / "based_bench.md").write_text(
-            f"Command: `{cmd}`\n\nDevice: {torch.cuda.get_device_name()}\n\n" + _markdown(df))
+    bench_report.print_table(df, f"Based Taylor linear attention ({args.dtype}, {tokens} tokens/batch, H={H}, F={F}, P={P})")
+    bench_report.write(df, args.out, "based_bench", "ssdbench.bench_based", argv)
     return df
 
 

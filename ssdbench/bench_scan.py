@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from ssdbench import bench_report
 import torch
-import torch.nn.functional as F
 
 SCAN_FLOPS_PER_STATE = 7
 FWD_BWD_FACTOR = 4
@@ -232,14 +233,6 @@ def _print_last(rows):
     _printed[0] = len(rows)
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in r.tolist()) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _show(df: pd.DataFrame, title: str):
     try:
         from rich.console import Console
@@ -305,7 +298,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     name = f"bench_{args.op}"
     df.to_csv(out / f"{name}.csv", index=False)
     cmd = "python -m ssdbench.bench_scan " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"{name}.md").write_text(f"# {name} on {gpu}\n\nCommand: `{cmd.strip()}`\n\n" + _markdown(df))
+    (out / f"{name}.md").write_text(f"# {name} on {gpu}\n\nCommand: `{cmd.strip()}`\n\n" + bench_report.markdown(df))
     return df
 
 

@@ -21,11 +21,12 @@ SDPA causal: forward 2 * batch * H * L^2 * P FLOPs (half of 4 b H L^2 P), forwar
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
+
+from ssdbench import bench_report
 import torch
 
 
@@ -40,18 +41,6 @@ def _ssd_bytes(batch, L, H, P, N, G, esize, backward):
     if not backward:
         return fwd
     return fwd + tok * (3 * H * P + 2 * G * N) * esize + tok * H * esize  # dy, dx, dB, dC, ddt
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        cells = []
-        for c in cols:
-            v = r[c]
-            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _ceilings(do_bench):
@@ -226,9 +215,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         args.out.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out / "ssd_bench.csv", index=False)
         md = (f"device: {torch.cuda.get_device_name()}; copy {gbs:.0f} GB/s, bf16 matmul {tfl:.0f} TFLOP/s; "
-              f"dtype {args.dtype}, tokens {tokens}, H={H}, P={P}, N={N}, G={G}, chunk {Q}\n\n" + _markdown(df))
+              f"dtype {args.dtype}, tokens {tokens}, H={H}, P={P}, N={N}, G={G}, chunk {Q}\n\n" + bench_report.markdown(df))
         if prof is not None:
-            md += "\nPer-kernel time, one forward+backward at L=4096:\n\n" + _markdown(prof)
+            md += "\nPer-kernel time, one forward+backward at L=4096:\n\n" + bench_report.markdown(prof)
         (args.out / "ssd_bench.md").write_text(md)
     return df
 

@@ -22,20 +22,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+from ssdbench import bench_report
 import torch
 
 
 def window_flops(batch, L, H, P, W):
     return batch * L * 4 * min(W, L) * H * P
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                                         for c in cols) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def bench_case(do_bench, impl, L, tokens, H, P, W, dtype, docs):
@@ -118,24 +111,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                              fwd_ns_per_tok=f * 1e6 / ntok, note=""))
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=f"Sliding-window attention ({args.dtype}, {tokens} tokens/batch, H={H}, P={P}, W={W}, docs={args.docs})")
-        for c in df.columns:
-            t.add_column(c)
-        for _, r in df.iterrows():
-            t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in df.columns])
-        Console().print(t)
-    except ImportError:
-        print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out / "window_bench.csv", index=False)
-        cmd = "python -m ssdbench.bench_window " + " ".join(argv if argv is not None else sys.argv[1:])
-        (args.out / "window_bench.md").write_text(
-            f"Command: `{cmd}`\n\nDevice: {torch.cuda.get_device_name()}\n\n" + _markdown(df))
+    bench_report.print_table(df, f"Sliding-window attention ({args.dtype}, {tokens} tokens/batch, H={H}, P={P}, W={W}, docs={args.docs})")
+    bench_report.write(df, args.out, "window_bench", "ssdbench.bench_window", argv)
     return df
 
 

@@ -27,3 +27,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     err = (out - ref).norm() / ref.norm().clamp_min(1e-30)
     return float(err) if torch.isfinite(out).all() else float("inf")
+
+
+def decode_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits from stepping a LanguageModel through x (batch, L) one token at a time,
+    (batch, L, vocab): compared with the full forward by every recurrent model's tests."""
+    with torch.no_grad():
+        state = model.allocate_state(x.shape[0], device=x.device, dtype=model.embedding.weight.dtype)
+        steps = []
+        for t in range(x.shape[1]):
+            logits, state = model.step(x[:, t], state)
+            steps.append(logits)
+    return torch.stack(steps, 1)

@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from conftest import decode_logits
 from ssdbench.errors import ConfigError
 from ssdbench.models.mamba2 import HEAD_STRUCTURES, Mamba2, head_counts
 from ssdbench.models.transformerpp import TransformerPP
@@ -34,12 +35,7 @@ def test_step_equals_forward(hs):
     x = torch.randint(0, V, (2, L))
     with torch.no_grad():
         full = m(x)
-        state = m.allocate_state(2, dtype=torch.float64)
-        steps = []
-        for t in range(L):
-            logits, state = m.step(x[:, t], state)
-            steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full)
+    torch.testing.assert_close(decode_logits(m, x), full)
 
 
 @pytest.mark.parametrize("hs", HEAD_STRUCTURES)

@@ -1,0 +1,37 @@
+"""Output shared by the kernel benchmarks: a rich table on the terminal, CSV and Markdown files."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+
+def markdown(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, floatfmt=".4g") + "\n"
+
+
+def print_table(df: pd.DataFrame, title: str) -> None:
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c))
+    for _, r in df.iterrows():
+        t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in df.columns])
+    Console().print(t)
+
+
+def write(df: pd.DataFrame, out: Path | None, name: str, module: str, argv: list[str] | None,
+          header: str = "") -> None:
+    """<out>/<name>.csv and <out>/<name>.md, the Markdown headed by the command that made it."""
+    if out is None:
+        return
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / f"{name}.csv", index=False)
+    cmd = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (out / f"{name}.md").write_text(f"Command: `{cmd.strip()}`\n\nDevice: {device}\n\n{header}" + markdown(df))
