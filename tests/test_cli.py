@@ -41,7 +41,7 @@ def test_help_lists_subcommands(tmp_path):
     out = ssdbench("--help", cwd=tmp_path, check=0).stdout
     assert "run" in out and "table" in out
     out = ssdbench("run", "--help", cwd=tmp_path, check=0).stdout
-    assert "model: based, mamba1, mamba2, transformerpp" in out and "task: mqar" in out
+    assert "model: based, mamba1, mamba2, transformerpp" in out and "task: induction_heads, mqar, selective_copying" in out
 
 
 def test_single_run_then_sweep_then_table(tmp_path):

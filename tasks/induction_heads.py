@@ -1,0 +1,112 @@
+"""Induction heads, as in the Mamba-1 paper (Gu & Dao 2023, §4.1 and Table 11), following the
+synthetic of H3 (Fu et al. 2023) after Olsson et al. (2022).
+
+An example of length T is random ordinary tokens, with a special token placed once at a
+random position p (0 <= p <= T - 3) and followed by a target token, and the special token
+again at the last position. At the end the model must recall the token that followed the
+special token the first time: "... S t ... S -> t".
+
+- vocabulary of ``vocab_size`` V tokens: the special token is V - 1, ordinary tokens (the
+  fill and the target) are drawn uniformly from 0 .. V - 2, so the special token occurs
+  exactly twice;
+- labels follow the next-token convention of ``mqar.py`` (inputs = full[:-1], labels =
+  full[1:], where full ends with the target): -100 everywhere except at the last position,
+  whose label is the target. One supervised position per example.
+
+Models are trained at one length (256 in the paper) and tested at several: each test length
+is one slice ``T=<len>``, so the table shows length extrapolation. The paper tests up to
+2^20; the default config stops at 1024 so that evaluation is quick on a CPU.
+
+Worked example (``induction_heads_examples(1, 12, 16, seed=3)``: V = 16, special token 15)::
+
+    inputs : 12 1 2 3 15 12 13 8 0 1 4 15    special at p = 4, target 12, special again at the end
+    labels :  . . . .  .  .  . . . . .  12   (. = -100: only the last position is scored)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ssdbench.errors import ConfigError, require, require_positive_int
+from ssdbench.tasks.base import Segment, SyntheticDataModule
+
+IGNORE = -100
+
+
+def induction_heads_examples(
+    num_examples: int,
+    seq_len: int,
+    vocab_size: int = 16,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Induction-head examples: inputs (n, seq_len) and labels (n, seq_len), int64."""
+    check_induction_heads(seq_len, vocab_size)
+    require_positive_int(num_examples, "task.num_examples")
+    n, T, V = num_examples, seq_len, vocab_size
+    special = V - 1
+    rng = np.random.default_rng(seed)
+    full = rng.integers(0, special, size=(n, T + 1))  # ordinary tokens; full[:, T] = target
+    p = rng.integers(0, T - 2, size=n)  # first special at p, its target at p + 1 <= T - 2
+    rows = np.arange(n)
+    full[rows, p] = special
+    full[:, T - 1] = special
+    full[:, T] = full[rows, p + 1]  # the answer: the token that followed the first special
+    labels_full = np.full_like(full, IGNORE)
+    labels_full[:, T] = full[:, T]
+    inputs, labels = full[:, :-1], labels_full[:, 1:]  # next-token shift: (n, T) each
+    return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(np.ascontiguousarray(labels))
+
+
+def check_induction_heads(seq_len: int, vocab_size: int, where: str = "task",
+                          len_field: str = "seq_len") -> None:
+    """The constraints that make an example possible; ConfigError naming the field."""
+    require_positive_int(seq_len, f"{where}.{len_field}")
+    require_positive_int(vocab_size, "task.vocab_size")
+    require(seq_len >= 3, f"{where}.{len_field}",
+            f"needs at least 3 tokens (special, target, special), got {seq_len}")
+    require(vocab_size >= 3, "task.vocab_size",
+            f"needs a special token and at least 2 ordinary tokens, got {vocab_size}")
+
+
+class InductionHeadsDataModule(SyntheticDataModule):
+    """Train at one length; test one segment per length in ``test_lengths``."""
+
+    def __init__(self, vocab_size: int = 16, train_seq_len: int = 256,
+                 test_lengths: list | None = None, num_train_examples: int = 10000,
+                 num_test_examples: int = 256, batch_size: int = 64, seed: int = 0,
+                 num_workers: int = 0):
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        check_induction_heads(train_seq_len, vocab_size, len_field="train_seq_len")
+        require(test_lengths is not None and len(test_lengths) > 0, "task.test_lengths",
+                "needs at least one test length")
+        lengths = []
+        for i, T in enumerate(test_lengths):
+            try:
+                T = int(T)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"task.test_lengths[{i}]", f"must be an integer, got {T!r}") from e
+            check_induction_heads(T, vocab_size, len_field=f"test_lengths[{i}]")
+            lengths.append(T)
+        require(len(set(lengths)) == len(lengths), "task.test_lengths",
+                f"lengths must be distinct (one slice each), got {lengths}")
+        require_positive_int(num_train_examples, "task.num_train_examples")
+        require_positive_int(num_test_examples, "task.num_test_examples")
+        require_positive_int(batch_size, "task.batch_size")
+        self.vocab_size, self.train_seq_len, self.test_lengths = vocab_size, train_seq_len, lengths
+        self.num_train_examples, self.num_test_examples = num_train_examples, num_test_examples
+
+    @property
+    def max_seq_len(self) -> int:
+        return max([self.train_seq_len, *self.test_lengths])
+
+    def build_split(self, split: str, seed: int) -> list[Segment]:
+        if split == "train":
+            x, y = induction_heads_examples(self.num_train_examples, self.train_seq_len,
+                                            self.vocab_size, seed=seed * 1000)
+            return [Segment(f"T={self.train_seq_len}", x, y)]
+        out = []
+        for i, T in enumerate(self.test_lengths):
+            x, y = induction_heads_examples(self.num_test_examples, T, self.vocab_size,
+                                            seed=seed * 1000 + i)
+            out.append(Segment(f"T={T}", x, y))
+        return out

@@ -1,0 +1,182 @@
+"""Properties of the selective-copying and induction-heads generators and datamodules, and one
+CLI smoke run per task (random seeds: any seed must satisfy the properties)."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssdbench.errors import ConfigError
+from ssdbench.tasks.induction_heads import InductionHeadsDataModule, induction_heads_examples
+from ssdbench.tasks.selective_copying import (FIRST_DATA, IGNORE, MARKER, NOISE,
+                                               SelectiveCopyingDataModule,
+                                               selective_copying_examples)
+
+
+# --- selective copying --------------------------------------------------------------------
+
+@pytest.mark.parametrize("trial", range(4))
+def test_selective_copying_properties(trial):
+    seed = random.randrange(2**31)
+    K = random.choice([1, 4, 16])
+    T = random.choice([2 * K, 2 * K + 1, 64, 256])
+    D = random.choice([2, 16, 50])
+    n = 64
+    x, y = selective_copying_examples(n, T, K, D, seed=seed)
+    msg = f"seed={seed} T={T} K={K} D={D}"
+    assert x.shape == y.shape == (n, T) and x.dtype == y.dtype == torch.int64, msg
+    assert int(x.min()) >= 0 and int(x.max()) < D + 2, msg
+    region = T - K
+    assert (x[:, region:] == MARKER).all(), msg
+    assert not (x[:, :region] == MARKER).any(), msg
+    sup = y != IGNORE
+    assert (sup.sum(1) == K).all() and sup[:, region:].all(), msg  # exactly the markers
+    for row in range(n):
+        data = x[row, :region][x[row, :region] != NOISE]
+        assert len(data) == K, msg  # the noise run holds exactly K data tokens
+        assert torch.equal(y[row, region:], data), msg  # answers: the data in order
+    assert ((y[sup] >= FIRST_DATA) & (y[sup] < FIRST_DATA + D)).all(), msg
+
+
+def test_selective_copying_deterministic_and_seed_sensitive():
+    seed = random.randrange(2**31)
+    a = selective_copying_examples(16, 128, 16, 16, seed=seed)
+    b = selective_copying_examples(16, 128, 16, 16, seed=seed)
+    c = selective_copying_examples(16, 128, 16, 16, seed=seed + 1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_selective_copying_datamodule():
+    seed = random.randrange(2**20)
+    dm = SelectiveCopyingDataModule(seq_len=64, num_data_tokens=8, data_vocab=16, vocab_size=18,
+                                    num_train_examples=100, num_test_examples=30, batch_size=16,
+                                    seed=seed)
+    assert dm.vocab_size == 18 and dm.max_seq_len == 64
+    dm.setup("fit")
+    assert dm.slice_names == ["T=64,k=8"]
+    train_rows = {tuple(r) for r in dm.train_set.segments[0].inputs.tolist()}
+    test_rows = {tuple(r) for r in dm.test_set.segments[0].inputs.tolist()}
+    assert not train_rows & test_rows
+    assert sum(len(b["input_ids"]) for b in dm.val_dataloader()) == 30
+    assert sum(len(b["input_ids"]) for b in dm.train_dataloader()) == 100
+    # same seed, same data
+    dm2 = SelectiveCopyingDataModule(seq_len=64, num_data_tokens=8, data_vocab=16,
+                                     num_train_examples=100, num_test_examples=30, seed=seed)
+    dm2.setup("fit")
+    assert torch.equal(dm.test_set.segments[0].inputs, dm2.test_set.segments[0].inputs)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(seq_len=31, num_data_tokens=16), "num_data_tokens"),  # data + markers do not fit
+    (dict(data_vocab=1), "data_vocab"),                         # nothing to copy
+    (dict(seq_len=0), "seq_len"),
+    (dict(num_data_tokens=0), "num_data_tokens"),
+])
+def test_selective_copying_bad_settings_name_the_field(kwargs, field):
+    args = dict(seq_len=64, num_data_tokens=8, data_vocab=16) | kwargs
+    with pytest.raises(ConfigError, match=field):
+        selective_copying_examples(4, args["seq_len"], args["num_data_tokens"], args["data_vocab"])
+    with pytest.raises(ConfigError, match=field):
+        SelectiveCopyingDataModule(**args)
+
+
+def test_selective_copying_vocab_size_must_agree():
+    with pytest.raises(ConfigError, match="task.vocab_size"):
+        SelectiveCopyingDataModule(data_vocab=8, vocab_size=18)
+
+
+# --- induction heads ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("trial", range(4))
+def test_induction_heads_properties(trial):
+    seed = random.randrange(2**31)
+    T = random.choice([3, 4, 64, 257])
+    V = random.choice([3, 16, 40])
+    n = 128
+    x, y = induction_heads_examples(n, T, V, seed=seed)
+    msg = f"seed={seed} T={T} V={V}"
+    special = V - 1
+    assert x.shape == y.shape == (n, T) and x.dtype == y.dtype == torch.int64, msg
+    assert int(x.min()) >= 0 and int(x.max()) < V, msg
+    sup = y != IGNORE
+    assert (sup.sum(1) == 1).all() and sup[:, -1].all(), msg  # only the last position
+    assert (x[:, -1] == special).all(), msg
+    assert ((x == special).sum(1) == 2).all(), msg  # the special token exactly twice
+    for row in range(n):
+        p = int((x[row, :-1] == special).nonzero()[0])
+        assert p <= T - 3, msg
+        assert int(y[row, -1]) == int(x[row, p + 1]) != special, msg
+
+
+def test_induction_heads_deterministic_and_seed_sensitive():
+    seed = random.randrange(2**31)
+    a = induction_heads_examples(16, 64, 16, seed=seed)
+    b = induction_heads_examples(16, 64, 16, seed=seed)
+    c = induction_heads_examples(16, 64, 16, seed=seed + 1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_induction_heads_datamodule_slices():
+    seed = random.randrange(2**20)
+    dm = InductionHeadsDataModule(vocab_size=16, train_seq_len=32, test_lengths=[16, 32, 64],
+                                  num_train_examples=80, num_test_examples=20, batch_size=8,
+                                  seed=seed)
+    assert dm.max_seq_len == 64
+    dm.setup("fit")
+    assert dm.slice_names == ["T=16", "T=32", "T=64"]
+    assert dm.train_set.segments[0].inputs.shape == (80, 32)
+    n_test = 0
+    for batch in dm.val_dataloader():
+        assert len(set(batch["slice"].tolist())) == 1  # batches never mix lengths
+        assert batch["input_ids"].shape[1] == [16, 32, 64][int(batch["slice"][0])]
+        n_test += len(batch["input_ids"])
+    assert n_test == 60
+    # the test at the training length is not the training data
+    train_rows = {tuple(r) for r in dm.train_set.segments[0].inputs.tolist()}
+    assert not train_rows & {tuple(r) for r in dm.test_set.segments[1].inputs.tolist()}
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(train_seq_len=2), "train_seq_len"),          # no room for special, target, special
+    (dict(vocab_size=2), "vocab_size"),                # one ordinary token: nothing to recall
+    (dict(test_lengths=[64, 2]), r"test_lengths\[1\]"),
+    (dict(test_lengths=[]), "test_lengths"),
+    (dict(test_lengths=[64, 64]), "test_lengths"),
+    (dict(test_lengths=["long"]), r"test_lengths\[0\]"),
+])
+def test_induction_heads_bad_settings_name_the_field(kwargs, field):
+    args = dict(vocab_size=16, train_seq_len=32, test_lengths=[32]) | kwargs
+    with pytest.raises(ConfigError, match=field):
+        InductionHeadsDataModule(**args)
+    if "test_lengths" not in kwargs:
+        with pytest.raises(ConfigError, match=field.replace("train_", "")):
+            induction_heads_examples(4, args["train_seq_len"], args["vocab_size"])
+
+
+# --- CLI smoke runs -----------------------------------------------------------------------
+
+def _cli(tmp_path, *args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # a user's CPU run never has the Triton interpreter on
+    p = subprocess.run([sys.executable, "-m", "ssdbench.cli", "run", *args, "model=transformerpp",
+                        "progress_bar=false", "trainer=cpu", "trainer.max_steps=5",
+                        "trainer.val_check_interval=5", "optim.warmup_steps=1",
+                        f"results_dir={tmp_path}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_cli_selective_copying(tmp_path):
+    _cli(tmp_path, "task=selective_copying", "task.seq_len=32", "task.num_data_tokens=4",
+         "task.num_train_examples=64", "task.num_test_examples=16", "task.batch_size=16")
+
+
+@pytest.mark.slow
+def test_cli_induction_heads(tmp_path):
+    _cli(tmp_path, "task=induction_heads", "task.train_seq_len=32", "task.test_lengths=[16,64]",
+         "task.num_train_examples=64", "task.num_test_examples=16", "task.batch_size=16")
