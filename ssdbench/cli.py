@@ -16,6 +16,7 @@ GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads")
 SUBCOMMANDS = {
     "run": "train one configuration, or sweep many with -m (a Hydra application; see `ssdbench run --help`)",
     "table": "aggregate the result records under a results directory into a table (terminal, CSV, Markdown)",
+    "plot-results": "figures (PNG and PDF) from the result records: accuracy vs width and state size, training curves",
     "bench": "time a kernel on the GPU: ssd, scan (selective scan, conv), based, window (`ssdbench bench ssd --help`)",
 }
 
@@ -91,16 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help=SUBCOMMANDS["run"], add_help=False)
     bench = sub.add_parser("bench", help=SUBCOMMANDS["bench"], description=SUBCOMMANDS["bench"])
     bench.add_argument("kernel", choices=sorted(BENCHES), help="which benchmark (its own --help lists options)")
-    from ssdbench import table
+    from ssdbench import plots, table
 
     table.add_arguments(sub.add_parser("table", help=SUBCOMMANDS["table"],
                                        description=SUBCOMMANDS["table"]))
+    plots.add_arguments(sub.add_parser("plot-results", help=SUBCOMMANDS["plot-results"],
+                                       description=SUBCOMMANDS["plot-results"]))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     if args.command == "table":
         return table.main(args)
+    if args.command == "plot-results":
+        return plots.main(args)
     return 0  # `bench` with a valid kernel was dispatched above
 
 

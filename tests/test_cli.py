@@ -39,7 +39,7 @@ def record(path: Path) -> dict:
 
 def test_help_lists_subcommands(tmp_path):
     out = ssdbench("--help", cwd=tmp_path, check=0).stdout
-    assert "run" in out and "table" in out
+    assert "run" in out and "table" in out and "plot-results" in out and "bench" in out
     out = ssdbench("run", "--help", cwd=tmp_path, check=0).stdout
     assert "model: based, mamba1, mamba2, transformerpp" in out and "task: induction_heads, mqar, selective_copying" in out
 

@@ -1,0 +1,349 @@
+"""`ssdbench plot-results DIR`: figures from the result records under DIR (PNG and PDF).
+
+The figure set follows what the records hold:
+
+* ``acc_vs_d_model``: accuracy against ``config.model.d_model``, one panel per sequence length
+  when the per-slice metrics carry ``T=<len>`` (the layout of Mamba-2's Figure 8), one line per
+  model;
+* ``acc_vs_state_size``: accuracy against the recurrent state size (log x), one line per model;
+* ``training_curves``: ``train/loss`` and ``val/acc`` against step, read from each run's
+  ``logs/version_*/metrics.csv``;
+* ``custom_<y>_vs_<x>``: with ``--x`` and ``--y`` (optionally ``--facet`` and ``--hue``).
+
+A figure whose fields are missing is skipped with a line on stdout. The building functions
+return matplotlib Figures; `describe` turns one into ``{panel title: {line label: n points}}``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+from ssdbench import record as rec  # noqa: E402
+from ssdbench.table import load_records  # noqa: E402
+
+D_MODEL = "config.model.d_model"
+STATE = "state_size"
+MODEL = "model_name"
+SLICE = re.compile(r"^metrics\.(?P<base>.+?)/(?P<tags>(?:[A-Za-z_]+=[^,/]+,?)+)$")
+FORMATS = ("png", "pdf")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def resolve_field(df: pd.DataFrame, name: str) -> str | None:
+    """A column of df for a user-given field: as written, or under metrics./config./config.model."""
+    for cand in (name, f"metrics.{name}", f"config.{name}", f"config.model.{name}"):
+        if cand in df.columns:
+            return cand
+    return None
+
+
+def _label(field: str) -> str:
+    return {D_MODEL: "model dimension (d_model)", STATE: "recurrent state size (elements)",
+            MODEL: "model"}.get(field, field.removeprefix("metrics.").removeprefix("config."))
+
+
+def _value(v) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _hue_key(df: pd.DataFrame) -> pd.Series:
+    """The model name of each row, falling back to arch, then run."""
+    for c in (MODEL, "arch", "run"):
+        if c in df.columns:
+            return df[c].astype(str)
+    return pd.Series(["all"] * len(df), index=df.index)
+
+
+def _slices(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per-slice columns of a metric (e.g. ``metrics.val/acc/T=64,kv=8``), long format:
+    one row per (record, slice) with the parsed tags as columns and the value as ``value``."""
+    parts = []
+    for col in df.columns:
+        m = SLICE.match(col)
+        if not m or m["base"] != metric:
+            continue
+        tags = dict(t.split("=", 1) for t in m["tags"].strip(",").split(","))
+        part = df.drop(columns=[c for c in df.columns if c.startswith("metrics.")]).copy()
+        part["value"] = pd.to_numeric(df[col], errors="coerce")
+        for k, v in tags.items():
+            part[k] = int(v) if v.lstrip("-").isdigit() else v
+        parts.append(part.dropna(subset=["value"]))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _nice_log_axis(ax, values, base=2) -> None:
+    """Log x with a tick at every value present, labelled plainly."""
+    vals = sorted({float(v) for v in values if np.isfinite(v) and v > 0})
+    ax.set_xscale("log", base=base)
+    if 0 < len(vals) <= 10:
+        ax.set_xticks(vals)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+
+
+def _lines(ax, df: pd.DataFrame, x: str, y: str, hue: pd.Series, logx: bool = False) -> None:
+    """One line per hue value: the mean of y over rows sharing x, a band for min..max when
+    there are repeats (seeds)."""
+    df = df.assign(_hue=hue.values, _x=pd.to_numeric(df[x], errors="coerce"),
+                   _y=pd.to_numeric(df[y], errors="coerce")).dropna(subset=["_x", "_y"])
+    for name, g in sorted(df.groupby("_hue"), key=lambda kv: kv[0]):
+        agg = g.groupby("_x")["_y"].agg(["mean", "min", "max", "count"]).sort_index()
+        line, = ax.plot(agg.index, agg["mean"], marker="o", label=str(name))
+        if (agg["count"] > 1).any():
+            ax.fill_between(agg.index, agg["min"], agg["max"], color=line.get_color(), alpha=0.2)
+    if logx:
+        _nice_log_axis(ax, df["_x"])
+    ax.grid(True, alpha=0.3)
+
+
+def _finish(fig, axes, title: str) -> None:
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if labels:
+        axes[-1].legend([handles[lab] for lab in labels], labels, loc="best", fontsize="small",
+                        title="model" if len(labels) < 12 else None)
+    fig.suptitle(title)
+    fig.tight_layout()
+
+
+def _panels(n: int, width=4.2, height=3.6):
+    fig, axes = plt.subplots(1, n, figsize=(width * n + 0.6, height), squeeze=False, sharey=True)
+    return fig, list(axes[0])
+
+
+def describe(fig) -> dict[str, dict[str, int]]:
+    """{panel title: {line label: number of points}} for a Figure (lines without a label skipped)."""
+    out = {}
+    for i, ax in enumerate(fig.axes):
+        title = ax.get_title() or f"panel{i}"
+        out[title] = {ln.get_label(): len(ln.get_xdata()) for ln in ax.get_lines()
+                      if not ln.get_label().startswith("_")}
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+def fig_acc_vs_dim(df: pd.DataFrame, metric: str = "val/acc"):
+    """Accuracy against d_model; one panel per sequence length if slices carry T."""
+    if D_MODEL not in df.columns:
+        return None, f"no {D_MODEL} in the records"
+    long = _slices(df, metric)
+    if not long.empty and "T" in long.columns:
+        facets = sorted(long["T"].dropna().unique())
+        fig, axes = _panels(len(facets))
+        for ax, t in zip(axes, facets):
+            sub = long[long["T"] == t]
+            hue = _hue_key(sub)
+            if "kv" in sub.columns and sub.groupby(hue.values)["kv"].nunique().max() > 1:
+                hue = hue + " (kv=" + sub["kv"].astype(str) + ")"
+            _lines(ax, sub, D_MODEL, "value", hue, logx=True)
+            ax.set_title(f"sequence length {_value(t)}")
+            ax.set_xlabel(_label(D_MODEL))
+        axes[0].set_ylabel(f"{metric}")
+    else:
+        col = f"metrics.{metric}"
+        if col not in df.columns:
+            return None, f"no metric {metric} in the records"
+        fig, axes = _panels(1)
+        _lines(axes[0], df, D_MODEL, col, _hue_key(df), logx=True)
+        axes[0].set_title("all runs")
+        axes[0].set_xlabel(_label(D_MODEL))
+        axes[0].set_ylabel(metric)
+    _finish(fig, axes, f"{metric} vs model dimension")
+    return fig, None
+
+
+def fig_acc_vs_state(df: pd.DataFrame, metric: str = "val/acc"):
+    col = f"metrics.{metric}"
+    if STATE not in df.columns or df[STATE].isna().all():
+        return None, f"no {STATE} in the records"
+    if col not in df.columns:
+        return None, f"no metric {metric} in the records"
+    fig, axes = _panels(1, width=5.0)
+    _lines(axes[0], df, STATE, col, _hue_key(df))
+    _nice_log_axis(axes[0], pd.to_numeric(df[STATE], errors="coerce"), base=10)
+    axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    axes[0].set_title("all runs")
+    axes[0].set_xlabel(_label(STATE))
+    axes[0].set_ylabel(metric)
+    _finish(fig, axes, f"{metric} vs recurrent state size")
+    no_state = sorted(set(_hue_key(df)[df[STATE].isna()]) - set(_hue_key(df)[df[STATE].notna()]))
+    return fig, (f"no {STATE} for {', '.join(no_state)} (left out)" if no_state else None)
+
+
+def read_curves(run_dir: Path) -> pd.DataFrame | None:
+    """All logs/version_*/metrics.csv of a run, concatenated in version order."""
+    paths = sorted(Path(run_dir).glob("logs/version_*/metrics.csv"),
+                   key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    frames = []
+    for p in paths:
+        try:
+            frames.append(pd.read_csv(p))
+        except (OSError, ValueError, pd.errors.EmptyDataError) as e:
+            print(f"warning: skipping unreadable {p}: {e}", file=sys.stderr)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def fig_training_curves(df: pd.DataFrame, root: Path, keys=("train/loss", "val/acc")):
+    curves = []
+    for _, row in df.iterrows():
+        c = read_curves(Path(root) / row["run"])
+        if c is None or "step" not in c.columns:
+            continue
+        name = str(row.get(MODEL, row.get("arch", row["run"])))
+        if D_MODEL in row and pd.notna(row[D_MODEL]):
+            name += f" d={int(row[D_MODEL])}"
+        curves.append((name, row["run"], c))
+    if not curves:
+        return None, "no logs/version_*/metrics.csv under the runs"
+    keys = [k for k in keys if any(k in c.columns for _, _, c in curves)]
+    if not keys:
+        return None, "metrics.csv files have none of train/loss, val/acc"
+    # Runs sharing a label (seeds) get the same colour; the label is shown once.
+    names = sorted({n for n, _, _ in curves})
+    colours = {n: plt.get_cmap("tab10" if len(names) <= 10 else "tab20")(i % 20)
+               for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys) + 1.8, 3.8), squeeze=False)
+    axes = list(axes[0])
+    for ax, k in zip(axes, keys):
+        seen = set()
+        for name, _, c in sorted(curves, key=lambda t: t[0]):
+            if k not in c.columns:
+                continue
+            s = c[["step", k]].dropna().sort_values("step")
+            if s.empty:
+                continue
+            ax.plot(s["step"], s[k], color=colours[name], marker="." if len(s) < 30 else None,
+                    label=name if name not in seen else "_" + name)
+            seen.add(name)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.set_ylabel(k)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.suptitle("training curves")
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5.2 * len(keys) + 1.8), 1))
+    fig.legend(handles, labels, loc="center right", fontsize="small", title="run")
+    return fig, None
+
+
+def fig_custom(df: pd.DataFrame, x: str, y: str, facet: str | None = None, hue: str | None = None):
+    fields = {"x": x, "y": y, "facet": facet, "hue": hue}
+    cols = {}
+    for role, name in fields.items():
+        if name is None:
+            continue
+        cols[role] = resolve_field(df, name)
+        if cols[role] is None:
+            return None, f"no field {name!r} (--{role}) in the records"
+    data = df.dropna(subset=[cols["x"], cols["y"]])
+    if data.empty:
+        return None, f"no record has both {x} and {y}"
+    facets = sorted(data[cols["facet"]].dropna().unique(), key=str) if facet else [None]
+    fig, axes = _panels(len(facets))
+    xv = pd.to_numeric(data[cols["x"]], errors="coerce")
+    logx = bool((xv > 0).all() and xv.max() / max(xv.min(), 1e-300) >= 8)
+    for ax, f in zip(axes, facets):
+        sub = data if f is None else data[data[cols["facet"]] == f]
+        hue_s = sub[cols["hue"]].astype(str) if hue else _hue_key(sub)
+        _lines(ax, sub, cols["x"], cols["y"], hue_s, logx=logx)
+        ax.set_title("all runs" if f is None else f"{_label(cols['facet'])} = {_value(f)}")
+        ax.set_xlabel(_label(cols["x"]))
+    axes[0].set_ylabel(_label(cols["y"]))
+    _finish(fig, axes, f"{_label(cols['y'])} vs {_label(cols['x'])}")
+    if hue:
+        axes[-1].get_legend().set_title(_label(cols["hue"]))
+    return fig, None
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", s.removeprefix("metrics.").removeprefix("config.")).strip("_")
+
+
+def build_figures(df: pd.DataFrame, root: Path, x=None, y=None, facet=None, hue=None,
+                  metric: str = "val/acc"):
+    """{name: Figure} for what df holds, and the skip messages for the rest."""
+    figs, skipped = {}, []
+    plans = [("acc_vs_d_model", lambda: fig_acc_vs_dim(df, metric)),
+             ("acc_vs_state_size", lambda: fig_acc_vs_state(df, metric)),
+             ("training_curves", lambda: fig_training_curves(df, root))]
+    if x or y:
+        plans.append((f"custom_{_slug(y or '')}_vs_{_slug(x or '')}",
+                      (lambda: fig_custom(df, x, y, facet, hue)) if x and y
+                      else (lambda: (None, "--x and --y go together"))))
+    for name, make in plans:
+        fig, why = make()
+        if fig is None:
+            skipped.append(f"skipped {name}: {why}")
+        else:
+            figs[name] = fig
+            if why:
+                skipped.append(f"note {name}: {why}")
+    return figs, skipped
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", type=Path, help="a results directory, e.g. results/<study>")
+    p.add_argument("--out", type=Path, default=None, help="where figures go (default: RESULTS/figures)")
+    p.add_argument("--status", default="ok",
+                   help="keep only records with this status (default ok; 'all' keeps every record)")
+    p.add_argument("--metric", default="val/acc", help="metric of the accuracy figures (default val/acc)")
+    p.add_argument("--x", default=None, help="custom figure: x field (dotted, e.g. config.model.d_model)")
+    p.add_argument("--y", default=None, help="custom figure: y field (e.g. val/loss or metrics.val/loss)")
+    p.add_argument("--facet", default=None, help="custom figure: one panel per value of this field")
+    p.add_argument("--hue", default=None, help="custom figure: one line per value of this field "
+                                               "(default model_name)")
+
+
+def _fail(msg: str) -> int:
+    print(f"ssdbench plot-results: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    root = Path(args.results)
+    if not root.is_dir():
+        return _fail(f"{root} is not a directory")
+    df = load_records(root)
+    if df.empty:
+        return _fail(f"no {rec.RECORD_NAME} under {root}")
+    if args.status and args.status != "all":
+        df = df[df["status"] == args.status].reset_index(drop=True)
+        if df.empty:
+            return _fail(f"no record with status {args.status!r} under {root} (try --status all)")
+    figs, skipped = build_figures(df, root, x=args.x, y=args.y, facet=args.facet, hue=args.hue,
+                                  metric=getattr(args, "metric", "val/acc"))
+    for line in skipped:
+        print(line)
+    if not figs:
+        return _fail("no figure could be made from these records")
+    out = Path(args.out) if args.out else root / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fig in figs.items():
+        for ext in FORMATS:
+            fig.savefig(out / f"{name}.{ext}", dpi=150, bbox_inches="tight")
+        plt.close(fig)
+        print(f"wrote {out / name}.{{{','.join(FORMATS)}}}")
+    return 0

@@ -1,0 +1,144 @@
+"""`ssdbench plot-results`: figures from fake result records."""
+import argparse
+
+import matplotlib.pyplot as plt
+import pytest
+
+from ssdbench import plots
+from ssdbench import record as rec
+from ssdbench.table import load_records
+
+
+def _write(root, name, model, d_model, accs, state=None, status="ok", seed=0, curves=True):
+    """A run with per-slice accuracy {T: acc} and a two-version metrics.csv."""
+    run = root / name
+    metrics = {"val/acc": sum(accs.values()) / len(accs), "val/loss": 5.0 - d_model / 100}
+    metrics.update({f"val/acc/T={t},kv={t // 8}": a for t, a in accs.items()})
+    r = {k: None for k in rec.REQUIRED_KEYS}
+    r.update(schema=rec.SCHEMA_VERSION, status=status, run_dir=str(run), params={"total": d_model * 100},
+             config={"model": {"d_model": d_model, "n_layers": 2}, "seed": seed}, metrics=metrics,
+             model_name=model, arch=model, state_size=state)
+    rec.write_record(run, r)
+    if curves:
+        for v, steps in enumerate([(0, 10), (20, 30, 40)]):
+            d = run / "logs" / f"version_{v}"
+            d.mkdir(parents=True)
+            rows = ["epoch,step,train/loss,val/acc"]
+            for s in steps:
+                rows += [f"0,{s},{5 - s / 20},", f"0,{s},,{s / 100}"]
+            (d / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return run
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "study"
+    for d in (16, 32, 64):
+        _write(root, f"mamba2-{d}", "mamba2", d, {64: 0.5, 128: 0.3}, state=d * 64)
+        _write(root, f"tpp-{d}", "transformerpp", d, {64: 0.9, 128: 0.8})
+    _write(root, "mamba2-64-seed1", "mamba2", 64, {64: 0.7, 128: 0.5}, state=64 * 64, seed=1)
+    _write(root, "broken", "mamba2", 128, {64: 0.0, 128: 0.0}, state=128 * 64, status="failed")
+    return root
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    plots.add_arguments(p)
+    return p.parse_args([str(a) for a in argv])
+
+
+def _ok_records(root):
+    df = load_records(root)
+    return df[df["status"] == "ok"].reset_index(drop=True)
+
+
+def test_main_writes_default_figures(results, capsys):
+    assert plots.main(_args(results)) == 0
+    out = results / "figures"
+    for name in ("acc_vs_d_model", "acc_vs_state_size", "training_curves"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{name}.{ext}").stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert "note acc_vs_state_size: no state_size for transformerpp" in text
+    assert not list(out.glob("custom_*"))
+
+
+def test_acc_vs_dim_facets_by_sequence_length(results):
+    fig, why = plots.fig_acc_vs_dim(_ok_records(results))
+    assert why is None
+    # One panel per T, one line per model, one point per d_model (the failed d=128 run is out).
+    assert plots.describe(fig) == {
+        "sequence length 64": {"mamba2": 3, "transformerpp": 3},
+        "sequence length 128": {"mamba2": 3, "transformerpp": 3},
+    }
+    line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "mamba2")
+    assert list(line.get_xdata()) == [16, 32, 64]
+    assert line.get_ydata()[-1] == pytest.approx(0.6)  # mean of the two seeds at d=64
+    assert fig.axes[0].get_xlabel() == "model dimension (d_model)"
+    plt.close(fig)
+
+
+def test_acc_vs_dim_without_slices_is_one_panel(tmp_path):
+    r = {k: None for k in rec.REQUIRED_KEYS}
+    for d in (8, 16):
+        r.update(schema=1, status="ok", config={"model": {"d_model": d}}, metrics={"val/acc": d / 100},
+                 model_name="m", params={"total": 1})
+        rec.write_record(tmp_path / f"r{d}", r)
+    fig, _ = plots.fig_acc_vs_dim(load_records(tmp_path))
+    assert plots.describe(fig) == {"all runs": {"m": 2}}
+    plt.close(fig)
+
+
+def test_state_and_training_curves(results):
+    df = _ok_records(results)
+    fig, note = plots.fig_acc_vs_state(df)
+    assert plots.describe(fig) == {"all runs": {"mamba2": 3}}
+    assert fig.axes[0].get_xscale() == "log" and "transformerpp" in note
+    plt.close(fig)
+
+    fig, why = plots.fig_training_curves(df, results)
+    assert why is None
+    desc = plots.describe(fig)
+    assert set(desc) == {"train/loss", "val/acc"}
+    assert desc["train/loss"]["mamba2 d=16"] == 5  # both versions concatenated
+    # the two d=64 mamba2 seeds share one legend entry
+    assert len(desc["val/acc"]) == 6
+    plt.close(fig)
+
+
+def test_custom_figure_and_status_all(results, capsys):
+    out = results / "figs"
+    args = _args(results, "--out", out, "--status", "all", "--x", "d_model", "--y", "val/loss",
+                 "--facet", "config.seed", "--hue", "arch")
+    assert plots.main(args) == 0
+    assert (out / "custom_val_loss_vs_d_model.png").exists()
+    figs, _ = plots.build_figures(load_records(results), results, x="d_model", y="val/loss",
+                                  facet="config.seed", hue="arch")
+    desc = plots.describe(figs["custom_val_loss_vs_d_model"])
+    assert desc == {"seed = 0": {"mamba2": 4, "transformerpp": 3},  # failed d=128 kept
+                    "seed = 1": {"mamba2": 1}}
+    for f in figs.values():
+        plt.close(f)
+
+
+def test_missing_fields_are_skipped(tmp_path, capsys):
+    _write(tmp_path, "a", "m", 16, {64: 0.5}, curves=False)
+    assert plots.main(_args(tmp_path, "--x", "nope", "--y", "val/acc")) == 0
+    text = capsys.readouterr().out
+    assert "skipped acc_vs_state_size: no state_size" in text
+    assert "skipped training_curves" in text
+    assert "skipped custom_val_acc_vs_nope: no field 'nope'" in text
+    assert (tmp_path / "figures" / "acc_vs_d_model.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_ok"])
+def test_errors_exit_2_with_one_line(tmp_path, capsys, case):
+    root = tmp_path / "r"
+    if case != "missing":
+        root.mkdir()
+    if case == "no_ok":
+        _write(root, "a", "m", 16, {64: 0.5}, status="failed", curves=False)
+    assert plots.main(_args(root)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ssdbench plot-results:")
+    assert not (root / "figures").exists()
