@@ -58,13 +58,16 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check(name, t, dims, floating=True):
+def _check(name, t, dims, floating=True, shape=None):
+    """ValueError naming ``name`` unless t is a tensor with ``dims`` dimensions (and ``shape``)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
     if t.dim() != dims:
         raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(t.shape)}")
     if floating and t.dtype not in _FLOATS:
         raise ValueError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def validate(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
@@ -99,13 +102,9 @@ def validate(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
         if tuple(D.shape) not in ((H,), (H, P)):
             raise ValueError(f"D: expected shape ({H},) or ({H}, {P}), got {tuple(D.shape)}")
     if z is not None:
-        _check("z", z, 4)
-        if tuple(z.shape) != (batch, L, H, P):
-            raise ValueError(f"z: expected shape {(batch, L, H, P)}, got {tuple(z.shape)}")
+        _check("z", z, 4, shape=(batch, L, H, P))
     if dt_bias is not None:
-        _check("dt_bias", dt_bias, 1)
-        if tuple(dt_bias.shape) != (H,):
-            raise ValueError(f"dt_bias: expected shape ({H},), got {tuple(dt_bias.shape)}")
+        _check("dt_bias", dt_bias, 1, shape=(H,))
     try:
         lo, hi = (float(v) for v in dt_limit)
     except Exception:
@@ -113,9 +112,7 @@ def validate(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"dt_limit: expected lo <= hi, got {dt_limit!r}")
     if initial_states is not None:
-        _check("initial_states", initial_states, 4)
-        if tuple(initial_states.shape) != (batch, H, P, N):
-            raise ValueError(f"initial_states: expected shape {(batch, H, P, N)}, got {tuple(initial_states.shape)}")
+        _check("initial_states", initial_states, 4, shape=(batch, H, P, N))
     if seq_idx is not None:
         if not isinstance(seq_idx, torch.Tensor) or seq_idx.dim() != 2:
             raise ValueError("seq_idx: expected a (batch, L) integer tensor")
