@@ -700,6 +700,16 @@ _chunk_dx, _CHUNK_DX_FIXED = _tuned(_ssd_chunk_bwd_dx, _CHUNK_CONFIGS, ["L", "H"
 _chunk_db, _CHUNK_DB_FIXED = _tuned(_ssd_chunk_bwd_db, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPB", "HS"], ["dB_ptr"])
 
 
+def _select(tuned, raw, fixed: dict, configs, x: torch.Tensor):
+    """(kernel, launch kwargs). fp32 inputs on the GPU take the first config untuned: fp32 is
+    the checking path, not the fast one, and tuning its slow IEEE dots took minutes per shape
+    (N=256 spills registers in every candidate)."""
+    if fixed or x.dtype != torch.float32:
+        return tuned, dict(fixed)
+    cfg = configs[0]
+    return raw, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _dot_cfg(x: torch.Tensor):
     """Operand dtype and precision of tl.dot: the input dtype on the GPU; fp32 under the
     interpreter (its bf16 dot is wrong) and for fp32 inputs (exact fp32 products)."""
@@ -784,11 +794,12 @@ def ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial
     init = initial_states if initial_states is not None else final
     si = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
     grid = lambda META: (batch * H, triton.cdiv(P, META["BP"]), triton.cdiv(N, META["BN"]))
-    _state_fwd[grid](
+    kern, kw = _select(_state_fwd, _ssd_state_fwd, _STATE_FWD_FIXED, _STATE_CONFIGS, x)
+    kern[grid](
         x, B, dtp, A, seq, init, states, final, L, H, P, N, H // Hx, H // Gb,
         *x.stride(), *B.stride(), ss_b, ss_l, *si,
         Q=Q, T=T, HAS_SEQ=seq_idx is not None,
-        HAS_INIT=initial_states is not None, DT=DT, PREC=PREC, **_STATE_FWD_FIXED)
+        HAS_INIT=initial_states is not None, DT=DT, PREC=PREC, **kw)
 
     # C B^T per chunk for the heads that share it
     GH, cb = _cb(B, C, H, L, N, Q, T, BN, nc, DT, PREC)
@@ -798,11 +809,12 @@ def ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial
     ypre = _alloc(out.shape, device=dev, dtype=out.dtype) if need_ypre else out  # (batch, L, H, P) y before the gate
     zz = z if z is not None else x
     sD = _D_strides(D)
-    fixed = _fixed(_CHUNK_FWD_FIXED, BN)
+    kern, fixed = _select(_chunk_fwd, _ssd_chunk_fwd, _CHUNK_FWD_FIXED, _CHUNK_FWD_CONFIGS, x)
+    fixed = _fixed(fixed, BN)
     if "T" in fixed:
         fixed["T"] = min(fixed["T"], Q)
     grid = lambda META: (batch * nc * (Q // META["T"]), H)
-    _chunk_fwd[grid](
+    kern[grid](
         x, B, C, zz, D if D is not None else x, dtp, cs, seq, states, cb, out, ypre,
         L, H, P, N, H // Hx, H // Gb, H // Gc, GH,
         *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *out.stride(), ss_b, ss_l, *sD,
@@ -859,11 +871,12 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     dst = _alloc((batch, nc, H, P, N), device=dev, dtype=_ckpt_dtype(x))  # (batch, nc, H, P, N)
     dinit = _alloc((batch, H, P, N), **f32)  # (batch, H, P, N)
     grid = lambda META: (batch * H, triton.cdiv(P, META["BP"]), triton.cdiv(N, META["BN"]))
-    _state_bwd[grid](
+    kern, kw = _select(_state_bwd, _ssd_state_bwd, _STATE_BWD_FIXED, _STATE_CONFIGS, x)
+    kern[grid](
         dy, C, dtp, A, seq, dfinal if dfinal is not None else dinit, dst, dinit,
         L, H, P, N, H // Gc, *dy.stride(), *C.stride(), ss_b, ss_l,
         Q=Q, T=T, HAS_SEQ=seq_idx is not None, HAS_DFIN=dfinal is not None,
-        DT=DT, PREC=PREC, **_STATE_BWD_FIXED)
+        DT=DT, PREC=PREC, **kw)
 
     GH = math.gcd(H // Gb, H // Gc)
     common = (L, H, P, N, H // Hx, H // Gb, H // Gc, GH)
@@ -873,12 +886,13 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     dC = _out_buf((batch, L, Gc, N), C.dtype, dev, HSc)  # (batch, L, Gc, N)
     row = _alloc((batch, H, L), **f32)  # (batch, H, L)
     dda = _alloc((batch, H, NTB, L), **f32)  # (batch, H, t-tile, L); read only where filled
-    _chunk_dc[(base, Gc * HSc)](
+    kern, kw = _select(_chunk_dc, _ssd_chunk_bwd_dc, _CHUNK_DC_FIXED, _CHUNK_CONFIGS, x)
+    kern[(base, Gc * HSc)](
         x, B, C, dy, dtp, cs, seq, states, cb, dC, row, dda, *common, HSc,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=GH > 1, ATOMIC=HSc > 1,
         DT=DT, PREC=PREC,
-        **_fixed(_CHUNK_DC_FIXED, BN))
+        **_fixed(kw, BN))
 
     # dx, the dt terms, dD partials, pieces of the log-decay gradient
     HSx = _head_split(base * Hx, H // Hx)
@@ -888,21 +902,23 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     scal = _alloc((batch, H, nc), **f32)  # (batch, H, nc)
     dDp = _alloc((batch, nc * NTB, H, P), **f32) if D is not None else scal  # (batch, tiles, H, P)
     sD = _D_strides(D)
-    _chunk_dx[(base, Hx * HSx)](
+    kern, kw = _select(_chunk_dx, _ssd_chunk_bwd_dx, _CHUNK_DX_FIXED, _CHUNK_CONFIGS, x)
+    kern[(base, Hx * HSx)](
         x, B, C, dy, D if D is not None else x, A, dtp, cs, seq, states, dst, cb, dx, u, ddtd,
         scal, dDp, *common, HSx,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l, *sD,
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
-        USE_CB=GH > 1, ATOMIC=HSx > 1, DT=DT, PREC=PREC, **_fixed(_CHUNK_DX_FIXED, BN))
+        USE_CB=GH > 1, ATOMIC=HSx > 1, DT=DT, PREC=PREC, **_fixed(kw, BN))
 
     # dB
     HSb = _head_split(base * Gb, H // Gb)
     dB = _out_buf((batch, L, Gb, N), B.dtype, dev, HSb)  # (batch, L, Gb, N)
-    _chunk_db[(base, Gb * HSb)](
+    kern, kw = _select(_chunk_db, _ssd_chunk_bwd_db, _CHUNK_DB_FIXED, _CHUNK_CONFIGS, x)
+    kern[(base, Gb * HSb)](
         x, C, dy, dtp, cs, seq, dst, dB, *common[:7], HSb,
         *x.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, ATOMIC=HSb > 1, DT=DT, PREC=PREC,
-        **_fixed(_CHUNK_DB_FIXED, BN))
+        **_fixed(kw, BN))
 
     # d(dA) -> ddt, dA, dt_bias
     ddt = _alloc((batch, L, H), device=dev, dtype=dt.dtype)  # (batch, L, H)

@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (see notes): installs the carried wheels (hydra-core, omegaconf,
-# antlr4 — absent there) and this checkout into /tmp/site, then runs one stage:
-#   bash scripts/device.sh tests   -> the test suite on the GPU (kernels in bf16/fp16/fp32)
-#   bash scripts/device.sh bench   -> the kernel benchmarks, tables into $OUT
-#   bash scripts/device.sh train   -> short CLI runs of every model on the GPU
+# Runs on the lent GPU machine (the `run` tool; see notes/HELPERS.md). That machine has torch and
+# triton but not hydra-core/omegaconf/antlr4: they travel as wheels in .whl/ (carry: [".whl"]).
+# The package folders kernels/, tasks/, conf/ live beside ssdbench/ in the repo (pyproject maps
+# them into the package); running from the repo root, links make `import ssdbench.kernels` work
+# without installing.
+#   bash scripts/device.sh STAGE [ARGS...]    stages run in the order given with `;`
+#   tests [FILES]  -> pytest on the GPU (kernels in bf16/fp16/fp32), 12 xdist workers (compiling
+#                     the kernels is CPU-bound), stopped by SIGINT after $BUDGET s (default 400) so
+#                     pytest still prints its summary; log in $OUT/tests_*.log
+#   bench NAME [ARGS] -> one `ssdbench bench NAME ARGS` (ssd scan based window), tables into $OUT
+#   train [MODELS] -> 300-step MQAR runs of each model on the GPU, records into $OUT
 set -uo pipefail
 stage=${1:-tests}
 shift || true
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
-  || { echo "install failed"; exit 1; }
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+if [ ! -e /tmp/site/hydra ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
+fi
+for d in kernels tasks conf; do ln -sfn "../$d" "ssdbench/$d"; done
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+[ -s "$OUT/gpu.txt" ] || {
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$OUT/gpu.txt"
 case $stage in
-  tests)  # optional arguments: test files (default: the whole suite)
-    python3 -m pytest -q -m "not slow" -p no:cacheprovider --timeout 500 ${@:-tests/} 2>&1 \
-      | tee "$OUT/tests.log" | tail -25 ;;
+  tests)
+    name=$(echo "${1:-all}" | tr '/' '_' | sed 's/\.py//')
+    timeout -s INT "${BUDGET:-400}" python3 -m pytest -q -rfE -n "${WORKERS:-12}" -p no:cacheprovider \
+      --timeout 300 --durations 8 ${@:-tests/} > "$OUT/tests_$name.log" 2>&1
+    tail -40 "$OUT/tests_$name.log" ;;
   bench)
-    for b in ${@:-ssd scan based window}; do
-      echo "== bench $b"
-      python3 -m ssdbench.cli bench "$b" --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
-    done ;;
-  train)  # optional arguments: models (default: all four)
+    echo "== bench $*"
+    python3 -m ssdbench.cli bench "$@" --out "$OUT" 2>&1 | tee "$OUT/bench_$1.log" | tail -30 ;;
+  train)
     for m in ${@:-transformerpp mamba2 mamba1 based}; do
-      python3 -m ssdbench.cli run model=$m progress_bar=false results_dir=/tmp/results study=gpu \
-        trainer.max_steps=300 2>&1 | tail -14 | tee -a "$OUT/train.log"
+      python3 -m ssdbench.cli run model=$m progress_bar=false results_dir="$OUT/results" study=gpu \
+        trainer.max_steps=300 2>&1 | tail -6 | tee -a "$OUT/train.log"
     done ;;
 esac

@@ -15,9 +15,17 @@ GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads")
 
 SUBCOMMANDS = {
     "run": "train one configuration, or sweep many with -m (a Hydra application; see `ssdbench run --help`)",
-    "table": "aggregate the result records under a results directory into a table (terminal, CSV, Markdown)",
-    "plot-results": "figures (PNG and PDF) from the result records: accuracy vs width and state size, training curves",
     "bench": "time a kernel on the GPU: ssd, scan (selective scan, conv), based, window (`ssdbench bench ssd --help`)",
+}
+
+# Subcommands with argparse options: name -> (module, help). Each module provides
+# add_arguments(parser) and main(args) -> exit code; it is imported only when needed.
+COMMANDS = {
+    "table": ("ssdbench.table",
+              "aggregate the result records under a results directory into a table (terminal, CSV, Markdown)"),
+    "plot-results": ("ssdbench.plots",
+                     "figures (PNG and PDF) from the result records: accuracy vs width and state size, "
+                     "training curves"),
 }
 
 # `ssdbench bench <name> ...` runs ssdbench.bench_<module>.main(argv)
@@ -92,20 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help=SUBCOMMANDS["run"], add_help=False)
     bench = sub.add_parser("bench", help=SUBCOMMANDS["bench"], description=SUBCOMMANDS["bench"])
     bench.add_argument("kernel", choices=sorted(BENCHES), help="which benchmark (its own --help lists options)")
-    from ssdbench import plots, table
+    import importlib
 
-    table.add_arguments(sub.add_parser("table", help=SUBCOMMANDS["table"],
-                                       description=SUBCOMMANDS["table"]))
-    plots.add_arguments(sub.add_parser("plot-results", help=SUBCOMMANDS["plot-results"],
-                                       description=SUBCOMMANDS["plot-results"]))
+    # only the module of the command being run is imported (each pulls pandas/matplotlib/...)
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "table":
-        return table.main(args)
-    if args.command == "plot-results":
-        return plots.main(args)
+    if args.command in COMMANDS:
+        return importlib.import_module(COMMANDS[args.command][0]).main(args)
     return 0  # `bench` with a valid kernel was dispatched above
 
 

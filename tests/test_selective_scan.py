@@ -102,6 +102,11 @@ def check(inputs, softplus, seq_idx, dtype, last_state=True):
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     for i, g, gr in zip(live, grads, grads_ref):
         assert g.shape == inputs[i].shape and g.dtype == inputs[i].dtype, names[i]
+        if float(gr.abs().max()) < 1e-12:
+            # An exactly-zero true gradient (dA at L = 1: the state starts at zero, so A never
+            # acts) has no relative error; the kernel's h - b rounds to ~1e-8 instead (GPU FMA).
+            assert float(g.abs().max()) < tol, f"grad {names[i]}: {float(g.abs().max())} where 0 is exact"
+            continue
         err = rel_err(g, gr)
         assert err < tol * (3 if dtype != torch.float32 else 1), f"grad {names[i]}: {err}"
 
