@@ -235,6 +235,11 @@ def train(cfg: DictConfig) -> dict:
         raise KeyboardInterrupt
     final = trainer.validate(lit, datamodule=datamodule, verbose=False)[0]
     metrics = {k: float(v) for k, v in final.items()}
+    # Tasks with an evaluation beyond the validation loop (e.g. induction heads at test lengths
+    # up to 2^20, streamed through the recurrent path) provide evaluate_model(model) -> metrics.
+    evaluate = getattr(datamodule, "evaluate_model", None)
+    if evaluate is not None:
+        metrics.update({k: float(v) for k, v in evaluate(lit.model).items()})
     path = record_cb.write(trainer, lit, "ok", metrics)
     _print_summary(cfg, metrics, path, record_cb)
     return metrics
