@@ -45,10 +45,16 @@ class SegmentDataset(Dataset):
 
 
 class SegmentBatchSampler(Sampler[list[int]]):
-    """Batches drawn within one segment at a time (equal lengths), shuffled per epoch."""
+    """Batches drawn within one segment at a time (equal lengths), shuffled per epoch.
 
-    def __init__(self, dataset: SegmentDataset, batch_size: int, shuffle: bool, seed: int = 0):
+    With ``curriculum=True`` the segments come in their listed order (examples shuffled within
+    each): e.g. MQAR's pair counts T/32, T/16, T/8, T/4, easiest first, every epoch.
+    """
+
+    def __init__(self, dataset: SegmentDataset, batch_size: int, shuffle: bool, seed: int = 0,
+                 curriculum: bool = False):
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.curriculum = curriculum
         self.epoch = 0
 
     def _batches(self) -> list[list[int]]:
@@ -59,7 +65,7 @@ class SegmentBatchSampler(Sampler[list[int]]):
             if self.shuffle:
                 rng.shuffle(idx)
             batches += [idx[i:i + self.batch_size].tolist() for i in range(0, len(idx), self.batch_size)]
-        if self.shuffle:
+        if self.shuffle and not self.curriculum:
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]
         return batches
@@ -79,9 +85,10 @@ class SyntheticDataModule(L.LightningDataModule):
 
     vocab_size: int
 
-    def __init__(self, batch_size: int, seed: int, num_workers: int = 0):
+    def __init__(self, batch_size: int, seed: int, num_workers: int = 0, curriculum: bool = False):
         super().__init__()
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.curriculum = curriculum  # train segments in their listed order (see SegmentBatchSampler)
         self.train_set: SegmentDataset | None = None
         self.test_set: SegmentDataset | None = None
 
@@ -95,7 +102,8 @@ class SyntheticDataModule(L.LightningDataModule):
             self.test_set = SegmentDataset(self.build_split("test", self.seed + 1_000_003))
 
     def _loader(self, ds: SegmentDataset, shuffle: bool) -> DataLoader:
-        sampler = SegmentBatchSampler(ds, self.batch_size, shuffle=shuffle, seed=self.seed)
+        sampler = SegmentBatchSampler(ds, self.batch_size, shuffle=shuffle, seed=self.seed,
+                                      curriculum=self.curriculum and shuffle)
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:

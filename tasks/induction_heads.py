@@ -17,12 +17,21 @@ Models are trained at one length (256 in the paper) and tested at several: each 
 is one slice ``T=<len>``, so the table shows length extrapolation. The paper tests up to
 2^20; the default config stops at 1024 so that evaluation is quick on a CPU.
 
+Lengths far beyond training (``eval_lengths``, up to 2^20) are scored once after training by
+``evaluate_model``: no gradients, batches sized to a token budget, each sequence in one pass
+through the model's chunked/scan kernels, whose memory is linear in the length for the SSMs.
+Attention that runs out of memory is reported as such (accuracy NaN, ``extrapolation/oom_from``
+= the first length that did not fit) instead of crashing the run; longer lengths are skipped.
+
 Worked example (``induction_heads_examples(1, 12, 16, seed=3)``: V = 16, special token 15)::
 
     inputs : 12 1 2 3 15 12 13 8 0 1 4 15    special at p = 4, target 12, special again at the end
     labels :  . . . .  .  .  . . . . .  12   (. = -100: only the last position is scored)
 """
 from __future__ import annotations
+
+import contextlib
+import math
 
 import numpy as np
 import torch
@@ -74,19 +83,18 @@ class InductionHeadsDataModule(SyntheticDataModule):
     def __init__(self, vocab_size: int = 16, train_seq_len: int = 256,
                  test_lengths: list | None = None, num_train_examples: int = 10000,
                  num_test_examples: int = 256, batch_size: int = 64, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, eval_lengths: list | None = None, eval_examples: int = 32,
+                 eval_tokens_per_batch: int = 2**20):
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         check_induction_heads(train_seq_len, vocab_size, len_field="train_seq_len")
+        self.vocab_size = vocab_size
+        self.eval_lengths = [self._length(T, i, "eval_lengths") for i, T in enumerate(eval_lengths or [])]
+        require_positive_int(eval_examples, "task.eval_examples")
+        require_positive_int(eval_tokens_per_batch, "task.eval_tokens_per_batch")
+        self.eval_examples, self.eval_tokens_per_batch = eval_examples, eval_tokens_per_batch
         require(test_lengths is not None and len(test_lengths) > 0, "task.test_lengths",
                 "needs at least one test length")
-        lengths = []
-        for i, T in enumerate(test_lengths):
-            try:
-                T = int(T)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"task.test_lengths[{i}]", f"must be an integer, got {T!r}") from e
-            check_induction_heads(T, vocab_size, len_field=f"test_lengths[{i}]")
-            lengths.append(T)
+        lengths = [self._length(T, i, "test_lengths") for i, T in enumerate(test_lengths)]
         require(len(set(lengths)) == len(lengths), "task.test_lengths",
                 f"lengths must be distinct (one slice each), got {lengths}")
         require_positive_int(num_train_examples, "task.num_train_examples")
@@ -94,6 +102,57 @@ class InductionHeadsDataModule(SyntheticDataModule):
         require_positive_int(batch_size, "task.batch_size")
         self.vocab_size, self.train_seq_len, self.test_lengths = vocab_size, train_seq_len, lengths
         self.num_train_examples, self.num_test_examples = num_train_examples, num_test_examples
+
+    def _length(self, T, i: int, field: str) -> int:
+        try:
+            T = int(T)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"task.{field}[{i}]", f"must be an integer, got {T!r}") from e
+        check_induction_heads(T, self.vocab_size, len_field=f"{field}[{i}]")
+        return T
+
+    def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
+        """Accuracy at each of ``eval_lengths`` (``extrapolation/acc/T=<len>``), one pass per
+        sequence without gradients; bf16 autocast on CUDA as in training. Out of memory at a
+        length gives NaN there and at every longer length, and ``extrapolation/oom_from``."""
+        if not self.eval_lengths:
+            return {}
+        device = next(model.parameters()).device
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        was_training = model.training
+        model.eval()
+        out: dict[str, float] = {}
+        oom_from = None
+        for i, T in enumerate(self.eval_lengths):
+            key = f"extrapolation/acc/T={T}"
+            if oom_from is not None and T >= oom_from:
+                out[key] = math.nan
+                continue
+            x, y = induction_heads_examples(self.eval_examples, T, self.vocab_size,
+                                            seed=self.seed * 1000 + 7919 + i)  # (n, T) each
+            per_batch = max(1, self.eval_tokens_per_batch // T)
+            correct = 0
+            try:
+                for s in range(0, len(x), per_batch):
+                    with torch.no_grad(), autocast:
+                        logits = model(x[s:s + per_batch].to(device))  # (b, T, V)
+                    pred = logits[:, -1].argmax(-1).cpu()  # (b,) only the last position is scored
+                    correct += int((pred == y[s:s + per_batch, -1]).sum())
+                out[key] = correct / len(x)
+            except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as e:
+                if not _is_oom(e):
+                    raise
+                print(f"induction heads: out of memory at T={T} ({type(e).__name__}); "
+                      f"longer lengths skipped")
+                oom_from = T
+                out[key] = math.nan
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if oom_from is not None:
+            out["extrapolation/oom_from"] = float(oom_from)
+        model.train(was_training)
+        return out
 
     @property
     def max_seq_len(self) -> int:
@@ -110,3 +169,11 @@ class InductionHeadsDataModule(SyntheticDataModule):
                                             seed=seed * 1000 + i)
             out.append(Segment(f"T={T}", x, y))
         return out
+
+
+def _is_oom(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError by message)."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg

@@ -102,11 +102,19 @@ class MQARDataModule(SyntheticDataModule):
 
     def __init__(self, vocab_size: int, train_segments: list, test_segments: list,
                  batch_size: int = 64, power_a: float = 0.01, random_non_queries: bool = True,
-                 seed: int = 0, num_workers: int = 0):
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+                 seed: int = 0, num_workers: int = 0, seq_len: int | None = None,
+                 curriculum: bool = False):
+        """``seq_len`` is the length of segments that give none; a segment may give its pair
+        count as ``kv_fraction`` of its length instead of ``num_kv_pairs`` (Figure 8's T/32 ..
+        T/4), so one preset serves every T: ``task.seq_len=512`` changes all of them.
+        ``curriculum``: train segments in their listed order instead of interleaved."""
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, curriculum=curriculum)
         require_positive_int(vocab_size, "task.vocab_size")
         require_positive_int(batch_size, "task.batch_size")
         require(power_a > 0, "task.power_a", f"must be positive, got {power_a}")
+        if seq_len is not None:
+            require_positive_int(seq_len, "task.seq_len")
+        self.seq_len = seq_len
         self.vocab_size, self.power_a, self.random_non_queries = vocab_size, power_a, random_non_queries
         self.segments = {"train": self._parse(train_segments, "train_segments"),
                          "test": self._parse(test_segments, "test_segments")}
@@ -117,9 +125,21 @@ class MQARDataModule(SyntheticDataModule):
         for i, seg in enumerate(segments):
             where = f"task.{field}[{i}]"
             try:
-                T, K, n = int(seg["input_seq_len"]), int(seg["num_kv_pairs"]), int(seg["num_examples"])
+                T = seg.get("input_seq_len") or self.seq_len
+                if T is None:
+                    raise KeyError("input_seq_len")
+                T, n = int(T), int(seg["num_examples"])
+                if "num_kv_pairs" in seg:
+                    K = int(seg["num_kv_pairs"])
+                else:
+                    frac = float(seg["kv_fraction"])
+                    require(0 < frac <= 0.25, f"{where}.kv_fraction", f"must be in (0, 1/4], got {frac}")
+                    K = max(1, int(T * frac))
+            except ConfigError:
+                raise
             except (KeyError, TypeError, ValueError) as e:
-                raise ConfigError(where, "needs integer input_seq_len, num_kv_pairs and num_examples") from e
+                raise ConfigError(where, "needs integer num_examples, input_seq_len (or task.seq_len) "
+                                         "and num_kv_pairs (or kv_fraction)") from e
             check_mqar_shape(T, K, self.vocab_size, where)
             require_positive_int(n, f"{where}.num_examples")
             out.append(dict(input_seq_len=T, num_kv_pairs=K, num_examples=n))

@@ -100,3 +100,37 @@ def test_bad_shapes_name_the_field(T, K, V, field):
 def test_missing_segment_fields():
     with pytest.raises(ConfigError, match=r"task.train_segments\[0\]"):
         MQARDataModule(vocab_size=256, train_segments=[{"input_seq_len": 64}], test_segments=[])
+
+
+def test_curriculum_trains_segments_in_order_and_fractions_follow_seq_len():
+    """Figure 8's curriculum: pair counts T/32 .. T/4 from kv_fraction, easiest segment first,
+    examples still shuffled within a segment; task.seq_len sets every segment's length."""
+    fracs = [1 / 32, 1 / 16, 1 / 8, 1 / 4]
+    seed = random.randrange(2**20)
+    dm = MQARDataModule(vocab_size=512, batch_size=8, seed=seed, seq_len=128, curriculum=True,
+                        train_segments=[{"kv_fraction": f, "num_examples": 24} for f in fracs],
+                        test_segments=[{"kv_fraction": 0.25, "num_examples": 8}])
+    dm.setup("fit")
+    assert [s.name for s in dm.train_set.segments] == ["T=128,kv=4", "T=128,kv=8", "T=128,kv=16", "T=128,kv=32"]
+    assert dm.slice_names == ["T=128,kv=32"]
+    for epoch in range(2):  # the same order every epoch
+        order = [int(b["slice"][0]) for b in dm.train_dataloader()]
+        assert order == sorted(order) and len(order) == 12
+    first = next(iter(dm.train_dataloader()))["input_ids"]
+    assert not torch.equal(first, dm.train_set.segments[0].inputs[:8])  # shuffled within the segment
+    # without the curriculum the segments interleave (12 batches: in order by chance ~ 1/369600)
+    dm2 = MQARDataModule(vocab_size=512, batch_size=8, seed=seed, seq_len=128,
+                         train_segments=[{"kv_fraction": f, "num_examples": 24} for f in fracs],
+                         test_segments=[{"kv_fraction": 0.25, "num_examples": 8}])
+    dm2.setup("fit")
+    order = [int(b["slice"][0]) for b in dm2.train_dataloader()]
+    assert order != sorted(order)
+
+
+@pytest.mark.parametrize("seg,field", [({"kv_fraction": 0.5, "num_examples": 4}, "kv_fraction"),
+                                       ({"num_kv_pairs": 4, "num_examples": 4}, r"train_segments\[0\]")])
+def test_fraction_and_length_errors(seg, field):
+    # a fraction above 1/4 cannot fit its queries; a segment without a length needs task.seq_len
+    with pytest.raises(ConfigError, match=field):
+        MQARDataModule(vocab_size=512, seq_len=64 if "kv_fraction" in seg else None,
+                       train_segments=[seg], test_segments=[{"input_seq_len": 32, "num_kv_pairs": 2, "num_examples": 4}])

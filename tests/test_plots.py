@@ -142,3 +142,42 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ssdbench plot-results:")
     assert not (root / "figures").exists()
+
+
+def test_best_learning_rate_per_point_and_state_size_lines(tmp_path):
+    """A learning-rate sweep keeps the best run per point; Mamba-2 runs that differ in d_state
+    become one line per N (Figure 8's N=16/64/256)."""
+    root = tmp_path / "fig8"
+    for d in (32, 64):
+        for lr, acc in ((1e-3, 0.2), (1e-2, 0.6)):
+            for N in (16, 64):
+                run = _write(root, f"m2-{d}-{lr}-{N}", "mamba2", d, {256: acc + N / 1000}, curves=False)
+                r = rec.read_record(run / rec.RECORD_NAME)
+                r["config"]["optim"] = {"lr": lr}
+                r["config"]["model"]["d_state"] = N
+                rec.write_record(run, r)
+    df = _ok_records(root)
+    best = plots.best_over(df, "config.optim.lr")
+    assert len(best) == 4 and set(best["config.optim.lr"]) == {1e-2}
+    fig, _ = plots.fig_acc_vs_dim(best)
+    lines = plots.describe(fig)["sequence length 256"]
+    assert lines == {"mamba2 N=16": 2, "mamba2 N=64": 2}
+    assert plots.main(_args(root)) == 0
+    plt.close("all")
+
+
+def test_acc_vs_length_extrapolation_curve(tmp_path, capsys):
+    root = tmp_path / "ih"
+    for model, accs in (("mamba2", {64: 1.0, 1024: 1.0, 2**20: 1.0}),
+                        ("transformerpp", {64: 0.9, 1024: 0.1, 2**20: float("nan")})):
+        run = _write(root, model, model, 64, {256: 1.0}, curves=False)
+        r = rec.read_record(run / rec.RECORD_NAME)
+        r["metrics"].update({f"extrapolation/acc/T={T}": a for T, a in accs.items()})
+        r["config"]["task"] = {"train_seq_len": 256}
+        rec.write_record(run, r)
+    fig, note = plots.fig_acc_vs_length(_ok_records(root))
+    assert plots.describe(fig)["length extrapolation"] == {"mamba2": 3, "transformerpp": 2}
+    assert "out of memory" in note
+    assert plots.main(_args(root)) == 0
+    assert (root / "figures" / "acc_vs_length.png").stat().st_size > 1000
+    plt.close("all")

@@ -179,4 +179,69 @@ def test_cli_selective_copying(tmp_path):
 @pytest.mark.slow
 def test_cli_induction_heads(tmp_path):
     _cli(tmp_path, "task=induction_heads", "task.train_seq_len=32", "task.test_lengths=[16,64]",
-         "task.num_train_examples=64", "task.num_test_examples=16", "task.batch_size=16")
+         "task.num_train_examples=64", "task.num_test_examples=16", "task.batch_size=16",
+         "task.eval_lengths=[128]", "task.eval_examples=4")
+    import json
+    (record,) = tmp_path.rglob("record.json")
+    metrics = json.loads(record.read_text())["metrics"]
+    assert 0.0 <= metrics["extrapolation/acc/T=128"] <= 1.0  # scored after training
+
+
+# --- induction heads: evaluation at long lengths --------------------------------------------
+
+class _Oracle(torch.nn.Module):
+    """Solves induction heads exactly (copies the token after the first special token);
+    records the batch shapes it saw, and runs out of memory from ``oom_at`` tokens per row."""
+
+    def __init__(self, V, oom_at=None, error=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.V, self.oom_at, self.error, self.shapes = V, oom_at, error, []
+
+    def forward(self, x):  # (b, T) -> (b, T, V)
+        self.shapes.append(tuple(x.shape))
+        if self.error is not None:
+            raise self.error
+        if self.oom_at is not None and x.shape[1] >= self.oom_at:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+        first = (x == self.V - 1).int().argmax(dim=1)  # (b,) position of the first special token
+        target = x.gather(1, (first + 1)[:, None])[:, 0]  # (b,)
+        logits = torch.zeros(*x.shape, self.V)
+        logits[torch.arange(len(x)), -1, target] = 1.0
+        return logits
+
+
+def test_induction_heads_evaluation_lengths_batches_and_oom():
+    dm = InductionHeadsDataModule(vocab_size=16, train_seq_len=32, test_lengths=[32],
+                                  eval_lengths=[64, 256, 1024, 4096], eval_examples=6,
+                                  eval_tokens_per_batch=1024, seed=random.randrange(2**20))
+    oracle = _Oracle(16)
+    out = dm.evaluate_model(oracle)
+    assert out == {f"extrapolation/acc/T={T}": 1.0 for T in (64, 256, 1024, 4096)}
+    # batches fit the token budget: 6 rows of 64 in one batch, 4 rows of 256, then one row each
+    assert oracle.shapes[:3] == [(6, 64), (4, 256), (2, 256)]
+    assert all(b * T <= 1024 for b, T in oracle.shapes[:-6]) and oracle.shapes[-1] == (1, 4096)
+    assert oracle.training  # mode restored
+
+    # out of memory from 1024 on: NaN there and beyond (not attempted), the run goes on
+    oom = _Oracle(16, oom_at=1024)
+    out = dm.evaluate_model(oom)
+    assert out["extrapolation/acc/T=256"] == 1.0 and out["extrapolation/oom_from"] == 1024
+    assert all(out[f"extrapolation/acc/T={T}"] != out[f"extrapolation/acc/T={T}"] for T in (1024, 4096))
+    assert max(T for _, T in oom.shapes) == 1024
+
+    # any other error is a real failure
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        dm.evaluate_model(_Oracle(16, error=RuntimeError("shape mismatch")))
+    with pytest.raises(ConfigError, match=r"eval_lengths\[0\]"):
+        InductionHeadsDataModule(test_lengths=[32], eval_lengths=[2])
+
+
+def test_induction_heads_evaluation_with_a_real_model():
+    from ssdbench.models.mamba2 import Mamba2
+    dm = InductionHeadsDataModule(vocab_size=16, train_seq_len=32, test_lengths=[32],
+                                  eval_lengths=[64, 512], eval_examples=4, seed=random.randrange(2**20))
+    model = Mamba2(vocab_size=16, d_model=32, n_layers=1, d_state=8, headdim=16, chunk_size=32)
+    out = dm.evaluate_model(model)
+    assert set(out) == {"extrapolation/acc/T=64", "extrapolation/acc/T=512"}
+    assert all(0.0 <= v <= 1.0 for v in out.values())
