@@ -6,6 +6,8 @@ The figure set follows what the records hold:
   when the per-slice metrics carry ``T=<len>`` (the layout of Mamba-2's Figure 8), one line per
   model;
 * ``acc_vs_state_size``: accuracy against the recurrent state size (log x), one line per model;
+* ``acc_vs_length``: induction-heads accuracy against test length (``extrapolation/acc/T=<len>``,
+  log2 x), one line per model, the training length marked;
 * ``training_curves``: ``train/loss`` and ``val/acc`` against step, read from each run's
   ``logs/version_*/metrics.csv``;
 * ``custom_<y>_vs_<x>``: with ``--x`` and ``--y`` (optionally ``--facet`` and ``--hue``).
@@ -58,11 +60,34 @@ def _value(v) -> str:
 
 
 def _hue_key(df: pd.DataFrame) -> pd.Series:
-    """The model name of each row, falling back to arch, then run."""
+    """The model name of each row (falling back to arch, then run), with the state size N
+    appended for models whose runs differ in it (Figure 8's Mamba-2 N=16/64/256 lines)."""
     for c in (MODEL, "arch", "run"):
         if c in df.columns:
-            return df[c].astype(str)
-    return pd.Series(["all"] * len(df), index=df.index)
+            key = df[c].astype(str)
+            break
+    else:
+        return pd.Series(["all"] * len(df), index=df.index)
+    n_col = "config.model.d_state"
+    if n_col in df.columns:
+        varies = df.groupby(key.values)[n_col].transform("nunique") > 1
+        n = pd.to_numeric(df[n_col], errors="coerce")
+        key = key.where(~varies | n.isna(), key + " N=" + n.astype("Int64").astype(str))
+    return key
+
+
+def best_over(df: pd.DataFrame, field: str = "config.optim.lr", metric: str = "val/acc") -> pd.DataFrame:
+    """Keep, for each configuration that differs only in ``field`` (e.g. the learning rate of
+    a sweep), the run with the best ``metric``: the papers report the best learning rate per
+    point. Records without the field or with one value of it are returned unchanged."""
+    col = f"metrics.{metric}"
+    if field not in df.columns or col not in df.columns or df[field].nunique() < 2:
+        return df
+    keys = [c for c in df.columns if c.startswith("config.") and c != field
+            and not c.startswith(("config.hydra", "config.results_dir", "config.progress_bar"))]
+    keyed = df[keys].astype(str).agg("|".join, axis=1)
+    best = pd.to_numeric(df[col], errors="coerce").groupby(keyed).idxmax().dropna().astype(int)
+    return df.loc[sorted(best.values)].reset_index(drop=True)
 
 
 def _slices(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -186,6 +211,32 @@ def fig_acc_vs_state(df: pd.DataFrame, metric: str = "val/acc"):
     return fig, (f"no {STATE} for {', '.join(no_state)} (left out)" if no_state else None)
 
 
+def fig_acc_vs_length(df: pd.DataFrame, metric: str = "extrapolation/acc"):
+    """Accuracy against test length (log2 x) from ``<metric>/T=<len>`` metrics, one line per
+    model, the training length marked: the induction-heads extrapolation curve."""
+    long = _slices(df, metric)
+    if long.empty or "T" not in long.columns:
+        return None, f"no {metric}/T=<len> metrics in the records"
+    fig, axes = _panels(1, width=6.0)
+    _lines(axes[0], long, "T", "value", _hue_key(long), logx=True)
+    train_len = "config.task.train_seq_len"
+    if train_len in long.columns:
+        for t in pd.to_numeric(long[train_len], errors="coerce").dropna().unique():
+            axes[0].axvline(t, color="grey", ls="--", lw=1)
+            axes[0].annotate("train length", (t, 0.02), xycoords=("data", "axes fraction"),
+                             rotation=90, fontsize="small", color="grey", ha="right")
+    axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"$2^{{{int(round(np.log2(v)))}}}$"))
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_xlabel("test sequence length")
+    axes[0].set_ylabel(metric)
+    axes[0].set_title("length extrapolation")
+    _finish(fig, axes, f"{metric} vs test length")
+    cols = [c for c in df.columns if c.startswith(f"metrics.{metric}/T=")]
+    if df[cols].apply(pd.to_numeric, errors="coerce").isna().any().any():
+        return fig, "NaN points (out of memory, or not run) are left out"
+    return fig, None
+
+
 def read_curves(run_dir: Path) -> pd.DataFrame | None:
     """All logs/version_*/metrics.csv of a run, concatenated in version order."""
     paths = sorted(Path(run_dir).glob("logs/version_*/metrics.csv"),
@@ -286,6 +337,7 @@ def build_figures(df: pd.DataFrame, root: Path, x=None, y=None, facet=None, hue=
     figs, skipped = {}, []
     plans = [("acc_vs_d_model", lambda: fig_acc_vs_dim(df, metric)),
              ("acc_vs_state_size", lambda: fig_acc_vs_state(df, metric)),
+             ("acc_vs_length", lambda: fig_acc_vs_length(df)),
              ("training_curves", lambda: fig_training_curves(df, root))]
     if x or y:
         plans.append((f"custom_{_slug(y or '')}_vs_{_slug(x or '')}",
@@ -315,6 +367,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--facet", default=None, help="custom figure: one panel per value of this field")
     p.add_argument("--hue", default=None, help="custom figure: one line per value of this field "
                                                "(default model_name)")
+    p.add_argument("--best-over", default="optim.lr",
+                   help="for runs that differ only in this field, plot the best one (default optim.lr: "
+                        "the best learning rate per point, as the papers report); 'none' keeps all")
 
 
 def _fail(msg: str) -> int:
@@ -333,6 +388,12 @@ def main(args: argparse.Namespace) -> int:
         df = df[df["status"] == args.status].reset_index(drop=True)
         if df.empty:
             return _fail(f"no record with status {args.status!r} under {root} (try --status all)")
+    if args.best_over and args.best_over != "none":
+        field = resolve_field(df, args.best_over) or args.best_over
+        n = len(df)
+        df = best_over(df, field, getattr(args, "metric", "val/acc"))
+        if len(df) < n:
+            print(f"best over {field}: kept {len(df)} of {n} runs (the best {field} per point)")
     figs, skipped = build_figures(df, root, x=args.x, y=args.y, facet=args.facet, hue=args.hue,
                                   metric=getattr(args, "metric", "val/acc"))
     for line in skipped:
