@@ -10,6 +10,9 @@
 #                     pytest still prints its summary; log in $OUT/tests_*.log
 #   bench NAME [ARGS] -> one `ssdbench bench NAME ARGS` (ssd scan based window), tables into $OUT
 #   train [MODELS] -> 300-step MQAR runs of each model on the GPU, records into $OUT
+#   study JOBS     -> scripts/gpu_study.py over a job list, $WORKERS at once, none started after
+#                     $DEADLINE s; results tarred into $OUT/<jobs name>.tgz (run-directory names
+#                     hold '=' and ',', which the device tool does not copy back as files)
 set -uo pipefail
 stage=${1:-tests}
 shift || true
@@ -39,4 +42,9 @@ case $stage in
       python3 -m ssdbench.cli run model=$m progress_bar=false results_dir="$OUT/results" study=gpu \
         trainer.max_steps=300 2>&1 | tail -6 | tee -a "$OUT/train.log"
     done ;;
+  study)
+    name=$(basename "$1" .txt)
+    python3 scripts/gpu_study.py "$1" --workers "${WORKERS:-12}" --results "/tmp/$name" \
+      --deadline "${DEADLINE:-480}" --job-timeout "${JOB_TIMEOUT:-400}" 2>&1 | tee "$OUT/$name.log" | tail -70
+    tar czf "$OUT/$name.tgz" -C /tmp "$name" ;;
 esac
