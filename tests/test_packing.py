@@ -1,0 +1,79 @@
+"""Packing without padding: a window of several documents, with the seq_idx that task=pile makes,
+gives every document the same losses as running it alone (fp32), for all four architectures.
+
+The window comes from real prepared shards (ssdbench.tasks.pile.Split.window), so this checks
+the data side (where segments start: at each end-of-text token) and the models' seq_idx
+handling together. Document k alone is [end-of-text, its tokens..., end-of-text]: the model
+reads all but the last token and predicts all but the first.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssdbench.models.based import Based
+from ssdbench.models.mamba1 import Mamba1
+from ssdbench.models.mamba2 import Mamba2
+from ssdbench.models.transformerpp import TransformerPP
+from ssdbench.prepare_data import prepare
+from ssdbench.tasks.pile import Split
+
+V = 257  # the byte tokenizer's vocabulary
+# The tiny configurations of tests/test_models.py (TINY), at the byte vocabulary.
+MODELS = {
+    "transformerpp": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4),
+    "mamba1": lambda: Mamba1(V, d_model=32, n_layers=2, d_state=8, d_conv=3, impl="torch"),
+    "mamba2": lambda: Mamba2(V, d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=8, impl="torch"),
+    "based": lambda: Based(V, d_model=32, n_layers=3, n_heads=4, feature_dim=8, window=4,
+                           layer_pattern=["linear_attn", "sliding_window", "base_conv"]),
+}
+DOCS = ["In the beginning", "God created the heaven and the earth.", "Amen.", "And the earth was without form"]
+
+
+@pytest.fixture(scope="module")
+def window(tmp_path_factory):
+    """One window from the end-of-text before document 1 to the end of the last document."""
+    root = tmp_path_factory.mktemp("packing")
+    with open(root / "d.jsonl", "w") as f:
+        for d in DOCS:
+            f.write(json.dumps({"text": d}) + "\n")
+    prepare([root / "d.jsonl"], root / "out", val_fraction=0.0, workers=0, progress=False)
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    split = Split(root / "out", manifest, "train", ["(none)"])
+    start = len(DOCS[0].encode())  # the end-of-text of document 0
+    seq_len = int(split.sizes[0]) - start - 1
+    toks, seq_idx, _ = split.window(0, start, seq_len)
+    return torch.from_numpy(toks), torch.from_numpy(seq_idx)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_packed_documents_score_as_if_alone(name, window):
+    torch.manual_seed(0)
+    model = MODELS[name]().float().eval()
+    toks, seq_idx = window  # (L + 1,), (L,)
+    assert seq_idx.tolist() == sum(([k] * (len(d.encode()) + 1) for k, d in enumerate(DOCS[1:])), [])
+    with torch.no_grad():
+        logits = model(toks[None, :-1], seq_idx=seq_idx[None])[0]  # (L, V)
+        packed = F.cross_entropy(logits, toks[1:], reduction="none")  # (L,) nats per position
+        for k, doc in enumerate(DOCS[1:]):
+            alone_toks = torch.tensor([256] + list(doc.encode()) + [256])  # (n + 2,)
+            alone = F.cross_entropy(model(alone_toks[None, :-1])[0], alone_toks[1:], reduction="none")
+            mine = packed[seq_idx == k]
+            torch.testing.assert_close(mine, alone, rtol=1e-5, atol=1e-5)
+            assert abs(float(mine.mean()) - float(alone.mean())) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["transformerpp", "mamba2"])
+def test_without_seq_idx_documents_see_each_other(name, window):
+    """The control: without seq_idx the later documents' losses do change (context leaks in)."""
+    torch.manual_seed(0)
+    model = MODELS[name]().float().eval()
+    toks, seq_idx = window
+    with torch.no_grad():
+        a = F.cross_entropy(model(toks[None, :-1], seq_idx=seq_idx[None])[0], toks[1:], reduction="none")
+        b = F.cross_entropy(model(toks[None, :-1])[0], toks[1:], reduction="none")
+    assert torch.allclose(a[seq_idx == 0], b[seq_idx == 0], atol=1e-5)  # the first is unaffected
+    assert not torch.allclose(a[seq_idx == 2], b[seq_idx == 2], atol=1e-4)
+    assert np.isfinite(b.numpy()).all()
