@@ -1,4 +1,5 @@
 """Mamba-2 model: paper parameter count, head structures, decoding, init, config errors."""
+import math
 import random
 
 import pytest
@@ -77,7 +78,10 @@ def test_flops_count_chunk_terms():
     m = tiny()
     mixer = m.layers[0].mixer
     H, P, N, Q = mixer.H, mixer.P, mixer.N, 8
-    expected = H * (2 * Q * (N + P) + 4 * N * P + 2 * N * P / Q) + 2 * mixer.conv_dim * 4
+    # C B^T once per distinct (B group, C group) pair (the kernels share it across heads),
+    # then per head: (C B^T o L) X, chunk states, state -> output, the chunk-state recurrence
+    cb_pairs = H // math.gcd(H // mixer.Gb, H // mixer.Gc)
+    expected = 2 * Q * N * cb_pairs + H * (2 * Q * P + 4 * N * P + 2 * N * P / Q) + 2 * mixer.conv_dim * 4
     assert mixer.flops_per_token(1000) == int(expected)
     assert mixer.flops_per_token(4) < mixer.flops_per_token(1000)  # short sequences: Q = L
 

@@ -136,14 +136,19 @@ class Mamba2Mixer(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token beyond the projections (which the shell counts).
 
-        Per head, with Q = min(chunk, seq_len): (1) the diagonal block, C B^T (2QN) then the
-        masked product with x (2QP), counted over the full Q x Q block as dense kernels compute
-        it; (2) the chunk state B^T x (2NP); (3) the chunk-state recurrence (2NP / Q);
-        (4) the state-to-output product C h (2NP). Plus the depthwise conv (2 * width per channel).
+        With Q = min(chunk, seq_len): (1) the diagonal block, C B^T (2QN) then the masked
+        product with x (2QP), counted over the full Q x Q block as dense kernels compute it;
+        (2) the chunk state B^T x (2NP); (3) the chunk-state recurrence (2NP / Q); (4) the
+        state-to-output product C h (2NP). Steps 1b-4 are per head. C B^T is per distinct
+        (B group, C group) pair, H / gcd(H/Gb, H/Gc) of them (1 for Mamba's shared B and C):
+        heads that share both read the same C B^T, and the Triton kernels compute it once for
+        them (the plain-PyTorch reference recomputes it per head). Plus the depthwise conv
+        (2 * width per channel).
         """
         Q = min(self.chunk_size, max(1, seq_len))
-        per_head = 2 * Q * (self.N + self.P) + 4 * self.N * self.P + 2 * self.N * self.P / Q
-        return int(self.H * per_head + 2 * self.conv_dim * self.d_conv)
+        cb_groups = self.H // math.gcd(self.H // self.Gb, self.H // self.Gc)
+        per_head = 2 * Q * self.P + 4 * self.N * self.P + 2 * self.N * self.P / Q
+        return int(cb_groups * 2 * Q * self.N + self.H * per_head + 2 * self.conv_dim * self.d_conv)
 
     def state_size(self) -> int:
         """SSM state H * P * N plus the conv buffer (conv_dim * (width - 1))."""
