@@ -118,3 +118,32 @@ def peak_memory_bytes() -> int | None:
 
 def find_records(root: Path) -> list[Path]:
     return sorted(Path(root).rglob(RECORD_NAME))
+
+
+# Top-level config keys that say how a run is carried out, not what it computes: a finished
+# run whose config differs from a new job's only in these is the same run (skipped on rerun).
+OPERATIONAL_KEYS = frozenset({"progress_bar", "resume", "force", "results_dir", "checkpoint_every",
+                              "jobs_per_gpu", "logger"})
+
+
+def config_differences(recorded: dict, current: dict, ignore=OPERATIONAL_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (JSON-normalised, so a
+    config read back from a record compares equal to the one it was written from)."""
+    a = json.loads(json.dumps({k: v for k, v in (recorded or {}).items() if k not in ignore},
+                              default=_jsonable))
+    b = json.loads(json.dumps({k: v for k, v in (current or {}).items() if k not in ignore},
+                              default=_jsonable))
+    out: list[str] = []
+
+    def walk(x, y, prefix):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k, _MISSING), y.get(k, _MISSING), f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix[:-1])
+
+    walk(a, b, "")
+    return out
+
+
+_MISSING = object()
