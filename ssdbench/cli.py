@@ -15,21 +15,27 @@ GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads")
 
 SUBCOMMANDS = {
     "run": "train one configuration, or sweep many with -m (a Hydra application; see `ssdbench run --help`)",
-    "bench": "time a kernel on the GPU: ssd, scan (selective scan, conv), based, window (`ssdbench bench ssd --help`)",
+    "bench": "time on the GPU: kernels ssd, scan (selective scan, conv), based, window; training throughput: train",
 }
 
 # Subcommands with argparse options: name -> (module, help). Each module provides
 # add_arguments(parser) and main(args) -> exit code; it is imported only when needed.
 COMMANDS = {
+    "prepare-data": ("ssdbench.prepare_data",
+                     "tokenize Pile-format jsonl(.zst), text or Parquet files into memory-mapped token shards"),
     "table": ("ssdbench.table",
               "aggregate the result records under a results directory into a table (terminal, CSV, Markdown)"),
     "plot-results": ("ssdbench.plots",
                      "figures (PNG and PDF) from the result records: accuracy vs width and state size, "
                      "training curves"),
+    "fit-scaling": ("ssdbench.scaling",
+                    "Chinchilla-style scaling fits (envelope, IsoFLOP parabolas, parametric L(N, D)) "
+                    "from result records or a params,tokens,loss CSV"),
 }
 
 # `ssdbench bench <name> ...` runs ssdbench.bench_<module>.main(argv)
-BENCHES = {"ssd": "bench_ssd", "scan": "bench_scan", "based": "bench_based", "window": "bench_window"}
+BENCHES = {"ssd": "bench_ssd", "scan": "bench_scan", "based": "bench_based", "window": "bench_window",
+           "train": "bench_train"}
 
 
 def available(group: str) -> list[str]:
@@ -69,8 +75,18 @@ def _run(argv: list[str]) -> int:
         return 2
     from ssdbench import train
 
+    train.ENTRY_ARGV0 = sys.argv[0]  # DDP re-runs this command for its extra processes
     sys.argv = ["ssdbench run", *argv]
-    train.main()
+    code = 0
+    try:
+        train.main()
+    except SystemExit as e:  # a sweep stopped by SIGTERM: still say what its jobs did
+        if train.SWEEP_JOURNAL is None:
+            raise
+        code = e.code if isinstance(e.code, int) else 1
+    if train.SWEEP_JOURNAL is not None:  # a multirun: the journal covers jobs in any process
+        failed = train.print_sweep_summary(train.SWEEP_JOURNAL)
+        return code or (1 if failed else 0)
     if train.FAILED_JOBS:
         print(f"ssdbench run: {len(train.FAILED_JOBS)} job(s) did not finish ok:", file=sys.stderr)
         for line in train.FAILED_JOBS:

@@ -1,7 +1,16 @@
 """The Lightning module: next-token cross-entropy on any LanguageModel, AdamW, warmup + cosine.
 
-Metrics: ``train/loss``; on the evaluation split ``val/loss``, ``val/acc`` (over supervised
-positions, i.e. labels != -100) and ``val/acc/<slice>`` per slice of the task.
+Metrics: ``train/loss``; on the evaluation split ``val/loss`` (mean nats per supervised token,
+i.e. labels != -100), ``val/acc`` (argmax accuracy over the same tokens) and ``val/acc/<slice>``
+per slice of the task. A batch's ``slice`` is per example (batch,) or per token (batch, L).
+
+Language-modelling batches also carry ``label_bytes`` (batch, L): the UTF-8 bytes each target
+token stands for. Then the evaluation adds, overall and per slice (``val/loss/<slice>``, ...)::
+
+    ppl = exp(loss)                                  loss = sum(nats) / tokens
+    bpb = sum(nats) / (ln 2 * sum(label_bytes))      = loss / ln 2 / (bytes per token)
+
+e.g. loss 1.2 nats/token at 4 bytes/token: ppl = e^1.2 = 3.32, bpb = 1.2 / 0.693 / 4 = 0.433.
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ssdbench import tokenizer as _tokenizer  # noqa: F401 - registers ${ssdbench.tokenizer_vocab:...} for configs
 from ssdbench.errors import DivergedError
 from ssdbench.models.lm import LanguageModel
 
@@ -23,6 +33,19 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lm_metrics(nats: float, tokens: int, n_bytes: int | None = None) -> dict[str, float]:
+    """loss (nats per token), perplexity and, given the bytes the tokens stand for, bits per byte.
+
+    >>> lm_metrics(nats=12.0, tokens=10, n_bytes=40)    # doctest: +ELLIPSIS
+    {'loss': 1.2, 'ppl': 3.32..., 'bpb': 0.432...}
+    """
+    loss = nats / tokens
+    out = {"loss": loss, "ppl": math.exp(min(loss, 700.0))}  # exp overflows a double past ~709
+    if n_bytes:
+        out["bpb"] = nats / (math.log(2) * n_bytes)
+    return out
 
 
 class SequenceLM(L.LightningModule):
@@ -53,7 +76,9 @@ class SequenceLM(L.LightningModule):
         loss, _ = self._loss(batch)
         if not torch.isfinite(loss):
             raise DivergedError(self.global_step, float(loss))
-        self._batch_tokens = batch["input_ids"].numel()
+        # summed over the micro-batches of one optimizer step (gradient accumulation); this
+        # process's share only: the record multiplies by the number of processes
+        self._batch_tokens += batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -64,26 +89,34 @@ class SequenceLM(L.LightningModule):
         # written): a step cut short by Ctrl-C or SIGTERM is redone after a resume and must
         # not be counted twice.
         self.tokens_seen += self._batch_tokens
+        self._batch_tokens = 0
 
     # ---- evaluation -------------------------------------------------------------------------
     def _eval_reset(self):
         n = max(1, len(self.slice_names))
-        self._correct = torch.zeros(n, dtype=torch.long)
-        self._count = torch.zeros(n, dtype=torch.long)
-        self._loss_sum, self._loss_n = 0.0, 0
+        self._correct = torch.zeros(n, dtype=torch.long)  # per slice: correct argmax predictions
+        self._count = torch.zeros(n, dtype=torch.long)  # supervised tokens
+        self._nats = torch.zeros(n, dtype=torch.float64)  # summed cross-entropy
+        self._bytes = torch.zeros(n, dtype=torch.long)  # bytes the targets stand for (LM tasks)
 
     def _eval_step(self, batch):
-        loss, logits = self._loss(batch)
-        labels = batch["labels"]
+        logits = self(batch["input_ids"], batch.get("seq_idx"))  # (batch, L, V)
+        labels = batch["labels"]  # (batch, L)
         mask = labels != IGNORE  # (batch, L)
-        correct = ((logits.argmax(-1) == labels) & mask).sum(1).cpu()  # (batch,)
-        count = mask.sum(1).cpu()
-        slices = batch.get("slice", torch.zeros(len(labels), dtype=torch.long)).cpu()
-        self._correct.index_add_(0, slices, correct)
-        self._count.index_add_(0, slices, count)
-        n = int(count.sum())
-        self._loss_sum += float(loss) * n
-        self._loss_n += n
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                               reduction="none").view_as(labels)  # (batch, L), 0 where ignored
+        correct = (logits.argmax(-1) == labels) & mask  # (batch, L)
+        slices = batch.get("slice")
+        if slices is None:
+            slices = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
+        if slices.dim() == 1:  # one slice per example -> per token
+            slices = slices[:, None].expand_as(labels)
+        s = slices[mask].long().cpu()  # (n,) slice of each supervised token
+        self._correct.index_add_(0, s, correct[mask].long().cpu())
+        self._count.index_add_(0, s, torch.ones_like(s))
+        self._nats.index_add_(0, s, nats[mask].double().cpu())
+        if "label_bytes" in batch:
+            self._bytes.index_add_(0, s, batch["label_bytes"][mask].long().cpu())
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -96,17 +129,30 @@ class SequenceLM(L.LightningModule):
 
     on_test_epoch_start = on_validation_epoch_start
 
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-slice tensor over processes, so every rank logs the global metric."""
+        return self.all_gather(t.to(self.device)).reshape(-1, len(t)).sum(0).cpu()
+
     def _eval_log(self, prefix: str):
-        if self._loss_n == 0:
+        count = self._gather(self._count)
+        if int(count.sum()) == 0:
             return
-        # The counts are gathered across processes so every rank logs the global metric.
-        correct = self.all_gather(self._correct.to(self.device)).reshape(-1, len(self._correct)).sum(0)
-        count = self.all_gather(self._count.to(self.device)).reshape(-1, len(self._count)).sum(0)
-        self.log(f"{prefix}/loss", self._loss_sum / self._loss_n, sync_dist=True)
+        correct, nats, n_bytes = self._gather(self._correct), self._gather(self._nats), self._gather(self._bytes)
+        is_lm = int(n_bytes.sum()) > 0
+        overall = lm_metrics(float(nats.sum()), int(count.sum()), int(n_bytes.sum()))
+        self.log(f"{prefix}/loss", overall["loss"])
         self.log(f"{prefix}/acc", float(correct.sum() / count.sum().clamp_min(1)), prog_bar=True)
-        for name, c, n in zip(self.slice_names, correct.tolist(), count.tolist()):
-            if n:
-                self.log(f"{prefix}/acc/{name}", c / n)
+        if is_lm:
+            self.log(f"{prefix}/ppl", overall["ppl"])
+            self.log(f"{prefix}/bpb", overall["bpb"], prog_bar=True)
+        for i, name in enumerate(self.slice_names):
+            n = int(count[i])
+            if not n:
+                continue
+            self.log(f"{prefix}/acc/{name}", int(correct[i]) / n)
+            if is_lm:
+                for key, value in lm_metrics(float(nats[i]), n, int(n_bytes[i])).items():
+                    self.log(f"{prefix}/{key}/{name}", value)
 
     def on_validation_epoch_end(self):
         self._eval_log("val")

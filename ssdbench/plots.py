@@ -10,6 +10,13 @@ The figure set follows what the records hold:
   log2 x), one line per model, the training length marked;
 * ``training_curves``: ``train/loss`` and ``val/acc`` against step, read from each run's
   ``logs/version_*/metrics.csv``;
+* ``loss_vs_flops``: language-model loss against training FLOPs (log-log), one colour per
+  model, with the lower envelope of the runs (Chinchilla approach 1) dashed and the
+  compute-optimal frontier of the parametric fit ``L(N, D) = E + A/N^alpha + B/D^beta``
+  (approach 3) solid; only for LM records (not the synthetic tasks) of several sizes;
+* ``isoflop_profiles``: loss against parameters, one panel per model, one colour per FLOP budget,
+  with each budget's fitted parabola in log N and its minimum (approach 2; needs 2 budgets
+  of 3 or more sizes);
 * ``custom_<y>_vs_<x>``: with ``--x`` and ``--y`` (optionally ``--facet`` and ``--hue``).
 
 A figure whose fields are missing is skipped with a line on stdout. The building functions
@@ -327,6 +334,126 @@ def fig_custom(df: pd.DataFrame, x: str, y: str, facet: str | None = None, hue: 
     return fig, None
 
 
+# The synthetic tasks log a val/loss too, but over query positions only: not a scaling loss.
+SYNTHETIC_TASKS = ("mqar", "selective_copying", "induction_heads")
+
+
+def _lm_points(df: pd.DataFrame, loss_key: str = "val/loss"):
+    """(scaling points of the language-model records, None) or (None, why not)."""
+    from ssdbench.scaling import ScalingDataError, points_from_records
+
+    col = f"metrics.{loss_key}"
+    if col not in df.columns:
+        return None, f"no metric {loss_key} in the records"
+    lm = df[pd.to_numeric(df[col], errors="coerce").notna()]
+    if "task_name" in lm.columns:
+        lm = lm[~lm["task_name"].isin(SYNTHETIC_TASKS)]
+    if lm.empty:
+        return None, f"no language-model record with {loss_key}"
+    try:
+        pts = points_from_records(lm.reset_index(drop=True), loss_key, flops="exact")
+    except ScalingDataError as e:
+        return None, str(e)
+    if pts["params"].nunique() < 2:
+        return None, "a single model size"
+    pts["ratio_6nd"] = pts["flops"] / (6 * pts["params"] * pts["tokens"])
+    return pts, None
+
+
+def _colours(names) -> dict:
+    names = sorted(set(names))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {n: cmap(i % 20) for i, n in enumerate(names)}
+
+
+def fig_loss_vs_flops(df: pd.DataFrame, loss_key: str = "val/loss"):
+    """Loss vs training FLOPs per model, the runs' lower envelope and the approach-3 frontier.
+
+    The x axis is the records' exact FLOP count. Approach 3's frontier is defined for
+    C = 6 N D; it is drawn at C_exact = r * 6 N D with r the median exact/6ND ratio of that
+    model's runs (the legend gives r), so it lines up with the points it was fitted to.
+    """
+    from ssdbench.scaling import ScalingDataError, fit_envelope, fit_parametric
+
+    pts, why = _lm_points(df, loss_key)
+    if pts is None:
+        return None, why
+    fig, axes = _panels(1, width=6.0, height=4.4)
+    fig.set_figwidth(9.5)  # room for the legend on the right, off the points
+    ax = axes[0]
+    colours = _colours(pts["model"])
+    notes = []
+    for model, g in sorted(pts.groupby("model"), key=lambda kv: kv[0]):
+        c = colours[model]
+        ax.plot(g["flops"], g["loss"], "o", color=c, alpha=0.7, label=model)
+        try:
+            env = fit_envelope(g)
+            ax.plot(env.table["flops"], env.table["loss"], "--", color=c, lw=1.2, label=f"{model} envelope")
+        except ScalingDataError as e:
+            notes.append(f"{model}: no envelope ({e})")
+        try:
+            fit = fit_parametric(g, n_bootstrap=0, n_starts=16)
+        except ScalingDataError as e:
+            notes.append(f"{model}: no parametric fit ({e})")
+            continue
+        r = float(np.median(g["ratio_6nd"]))
+        C = np.geomspace(g["flops"].min() / 2, g["flops"].max() * 4, 100)
+        ax.plot(C, fit.optimal(C / r)[2], "-", color=c, lw=1.8,
+                label=f"{model} L(N,D) frontier" + (f" (C = {r:.2f}x6ND)" if abs(r - 1) > 1e-3 else ""))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(loss_key)
+    ax.set_title("all runs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.suptitle(f"{loss_key} vs training compute")
+    fig.tight_layout()
+    return fig, "; ".join(notes) or None
+
+
+def fig_isoflop(df: pd.DataFrame, loss_key: str = "val/loss", tolerance: float = 0.1):
+    """IsoFLOP profiles (approach 2): per model, loss vs parameters for each FLOP budget with
+    the fitted parabola in log N and its minimum."""
+    from ssdbench.scaling import ScalingDataError, fit_isoflop, group_budgets
+
+    pts, why = _lm_points(df, loss_key)
+    if pts is None:
+        return None, why
+    fits, notes = {}, []
+    for model, g in pts.groupby("model"):
+        try:
+            fits[model] = (g.reset_index(drop=True), fit_isoflop(g.reset_index(drop=True), tolerance))
+        except ScalingDataError as e:
+            notes.append(f"{model}: {e}")
+    if not fits:
+        return None, "; ".join(notes)
+    fig, axes = _panels(len(fits), width=4.8, height=4.0)
+    for ax, (model, (g, fit)) in zip(axes, sorted(fits.items())):
+        budgets = fit.table["budget"].to_numpy()
+        cmap = plt.get_cmap("viridis")
+        gid = group_budgets(g["flops"], tolerance)
+        for i, row in fit.table.iterrows():
+            colour = cmap(i / max(1, len(budgets) - 1) * 0.9)
+            sub = g[gid == row["budget_id"]]  # the same grouping as the fit's
+            ax.plot(sub["params"], sub["loss"], "o", color=colour, label=f"C = {row['budget']:.2g}")
+            ln = np.log(sub["params"].to_numpy(float))
+            x = np.linspace(ln.min() - 0.3, ln.max() + 0.3, 100)
+            ax.plot(np.exp(x), np.polyval(row["coef_logN"], x), "-", color=colour, lw=1.2, label="_fit")
+            ax.plot([row["params_opt"]], [row["loss_min"]], "*", color=colour, ms=12, mec="k", label="_min")
+        ax.set_xscale("log")
+        ax.set_title(f"{model}: N_opt ~ C^{fit.n_opt.exponent:.2f}")
+        ax.set_xlabel("parameters (non-embedding)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small", title="budget (FLOPs)")
+    axes[0].set_ylabel(loss_key)
+    fig.suptitle("IsoFLOP profiles (star: fitted minimum)")
+    fig.tight_layout()
+    return fig, "; ".join(notes) or None
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", s.removeprefix("metrics.").removeprefix("config.")).strip("_")
 
@@ -338,7 +465,9 @@ def build_figures(df: pd.DataFrame, root: Path, x=None, y=None, facet=None, hue=
     plans = [("acc_vs_d_model", lambda: fig_acc_vs_dim(df, metric)),
              ("acc_vs_state_size", lambda: fig_acc_vs_state(df, metric)),
              ("acc_vs_length", lambda: fig_acc_vs_length(df)),
-             ("training_curves", lambda: fig_training_curves(df, root))]
+             ("training_curves", lambda: fig_training_curves(df, root)),
+             ("loss_vs_flops", lambda: fig_loss_vs_flops(df)),
+             ("isoflop_profiles", lambda: fig_isoflop(df))]
     if x or y:
         plans.append((f"custom_{_slug(y or '')}_vs_{_slug(x or '')}",
                       (lambda: fig_custom(df, x, y, facet, hue)) if x and y

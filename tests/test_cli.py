@@ -41,7 +41,7 @@ def test_help_lists_subcommands(tmp_path):
     out = ssdbench("--help", cwd=tmp_path, check=0).stdout
     assert "run" in out and "table" in out and "plot-results" in out and "bench" in out
     out = ssdbench("run", "--help", cwd=tmp_path, check=0).stdout
-    assert "model: based, mamba1, mamba2, transformerpp" in out and "task: induction_heads, mqar, selective_copying" in out
+    assert "model: based, mamba1, mamba2, transformerpp" in out and "task: induction_heads, mqar, pile, selective_copying" in out
 
 
 def test_single_run_then_sweep_then_table(tmp_path):
@@ -154,3 +154,13 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
     assert r["status"] == "ok" and r["global_step"] == 2000
     assert r["resumed_from"] == str(ckpt)
     assert r["tokens_seen"] == 2000 * 64 * 32  # the count survives the resume
+
+
+def test_tokens_counted_over_accumulated_micro_batches(tmp_path):
+    """With gradient accumulation an optimizer step consumes several batches; the record's
+    token count (and so its FLOPs, and the scaling fits built on them) must include all."""
+    ssdbench("run", *TINY, f"results_dir={tmp_path}", "study=acc", "trainer.max_steps=6",
+             "trainer.accumulate_grad_batches=3", "trainer.val_check_interval=6", cwd=tmp_path, check=0)
+    (path,) = tmp_path.rglob("record.json")
+    r = json.loads(path.read_text())
+    assert r["global_step"] == 6 and r["tokens_seen"] == 6 * 3 * 64 * 32

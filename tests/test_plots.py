@@ -181,3 +181,47 @@ def test_acc_vs_length_extrapolation_curve(tmp_path, capsys):
     assert plots.main(_args(root)) == 0
     assert (root / "figures" / "acc_vs_length.png").stat().st_size > 1000
     plt.close("all")
+
+
+# ----------------------------------------------------------------------------- scaling figures
+
+def test_scaling_figures_from_lm_records(tmp_path, capsys):
+    """Loss vs FLOPs with the envelope and the L(N, D) frontier, and IsoFLOP profiles, from an
+    IsoFLOP study of two models (3 budgets x 5 sizes each)."""
+    from test_scaling import write_scaling_records  # the fake LM records of the scaling tests
+
+    root = write_scaling_records(tmp_path / "study")
+    df = load_records(root)
+    fig, note = plots.fig_loss_vs_flops(df)
+    assert note is None
+    lines = plots.describe(fig)["all runs"]
+    assert lines["mamba2"] == 15 and lines["transformerpp"] == 15  # the runs
+    assert lines["mamba2 envelope"] == 3  # one best run per budget
+    frontier = next(ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("mamba2 L(N,D)"))
+    assert "1.10x6ND" in frontier.get_label()  # the exact/6ND ratio of these records
+    assert fig.axes[0].get_xscale() == "log"
+    plt.close(fig)
+
+    fig, note = plots.fig_isoflop(df)
+    desc = plots.describe(fig)
+    assert len(desc) == 2 and all(title.startswith(("mamba2: N_opt", "transformerpp: N_opt")) for title in desc)
+    panel = next(v for k, v in desc.items() if k.startswith("mamba2"))
+    assert panel == {"C = 1.1e+15": 5, "C = 1.1e+16": 5, "C = 1.1e+17": 5}  # exact FLOPs: 1.1 x 6ND
+    plt.close(fig)
+
+    assert plots.main(_args(root)) == 0
+    for name in ("loss_vs_flops", "isoflop_profiles"):
+        assert (root / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_scaling_figures_skipped_for_synthetic_tasks_and_one_size(tmp_path):
+    df = load_records(_write(tmp_path, "a", "m", 16, {64: 0.5}, curves=False).parent)
+    fig, why = plots.fig_loss_vs_flops(df)
+    assert fig is None and "params.non_embedding" in why  # the fake MQAR-like record lacks it
+    from test_scaling import write_scaling_records
+
+    root = write_scaling_records(tmp_path / "one", widths=(64,))
+    assert plots.fig_isoflop(load_records(root)) == (None, "a single model size")
+    df = load_records(write_scaling_records(tmp_path / "mqar", widths=(64, 128)))
+    df["task_name"] = "mqar"
+    assert plots.fig_loss_vs_flops(df)[1] == "no language-model record with val/loss"
