@@ -1,0 +1,144 @@
+"""Training throughput of the four architectures at the GPT-3 ladder's first rung (GPU).
+
+    python -m ssdbench.bench_train --out results/h100      # or: ssdbench bench train
+
+For each model (built from the ``gpt3_125m_<arch>`` experiment presets, so the benchmark
+measures the configuration the ladder trains: Transformer++ and Based 12 x 768, Mamba-1 and
+Mamba-2 24 x 768, vocabulary 50,280 of GPT-NeoX) and each sequence length, it runs full
+training steps (bf16 autocast forward, cross-entropy, backward, AdamW) on random tokens and
+reports
+
+* tokens/s (median step time over ``--steps`` after ``--warmup`` steps),
+* model FLOPs utilisation: 3 x the model's exact forward FLOPs per token at that length
+  (``LanguageModel.flops_per_token``: projections, MLP, head, attention's L-term, SSD's chunk
+  terms, ...) x tokens/s, over the GPU's measured dense bf16 matmul rate (an 8192^3 product
+  timed in the same process, the "achievable peak"), and the same with 6N for comparison;
+* peak GPU memory.
+
+A model that does not fit reports ``oom``. ``--compile`` adds ``torch.compile`` rows.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ssdbench import bench_report
+
+ARCHS = ("transformerpp", "mamba2", "mamba1", "based")
+VOCAB = 50280  # GPT-NeoX-20B's vocabulary (the released Mamba models)
+
+
+def build_model(arch: str, overrides: list[str] = ()):
+    """The model of experiment=gpt3_125m_<arch> (only the model; no data needed)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    import ssdbench.train  # noqa: F401 - registers the config resolvers
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("ssdbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment=gpt3_125m_{arch}", "task.data_dir=unused",
+                                           f"model.vocab_size={VOCAB}", *overrides])
+    return instantiate(cfg.model)
+
+
+def matmul_peak_tflops() -> float:
+    from triton.testing import do_bench
+
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: m @ m, return_mode="median")
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def time_training(model, L: int, batch: int, steps: int, warmup: int, compile_: bool) -> dict:
+    model = model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile_ else model
+    x = torch.randint(0, VOCAB, (batch, L + 1), device="cuda")  # (batch, L + 1)
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fwd(inp)  # (batch, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):  # compiles, autotunes the kernels, warms the allocator
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return dict(step_ms=1e3 * float(pd.Series(times).median()),
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def run_case(arch: str, L: int, tokens: int, steps: int, warmup: int, compile_: bool, peak: float) -> dict:
+    batch = max(1, tokens // L)
+    row = dict(model=arch, L=L, batch=batch, compile=compile_)
+    model = None
+    try:
+        model = build_model(arch)
+        n_params = model.num_params()
+        row.update(params_m=n_params / 1e6)
+        r = time_training(model, L, batch, steps, warmup, compile_)
+        tok_s = batch * L / (r["step_ms"] / 1e3)
+        fpt = 3 * model.flops_per_token(L)  # training FLOPs per token, exact count
+        row.update(step_ms=r["step_ms"], tokens_per_s=tok_s, mfu=fpt * tok_s / (peak * 1e12),
+                   mfu_6n=6 * model.num_params(non_embedding=True) * tok_s / (peak * 1e12),
+                   peak_mem_gb=r["peak_mem_gb"], status="ok")
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="oom")
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ssdbench bench train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(ARCHS), choices=ARCHS)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per training step (batch = tokens / L)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                    help="torch.compile the model (kernels of the project stay Triton either way)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for bench_train.csv / .md")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ssdbench bench train: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    peak = matmul_peak_tflops()
+    print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    rows = []
+    for arch in args.models:
+        for L in args.lengths:
+            for c in modes:
+                rows.append(run_case(arch, L, args.tokens, args.steps, args.warmup, c, peak))
+                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in rows[-1].items()), flush=True)
+    df = pd.DataFrame(rows)
+    bench_report.print_table(df, f"training throughput on {torch.cuda.get_device_name()}")
+    bench_report.write(df, args.out, "bench_train", "ssdbench.bench_train", argv,
+                       header=f"Measured bf16 matmul peak: {peak:.0f} TFLOP/s (MFU denominator).\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
