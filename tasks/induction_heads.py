@@ -22,6 +22,7 @@ Lengths far beyond training (``eval_lengths``, up to 2^20) are scored once after
 through the model's chunked/scan kernels, whose memory is linear in the length for the SSMs.
 Attention that runs out of memory is reported as such (accuracy NaN, ``extrapolation/oom_from``
 = the first length that did not fit) instead of crashing the run; longer lengths are skipped.
+A time limit (``eval_time_limit_s``) likewise ends the evaluation with NaN for the lengths left.
 
 Worked example (``induction_heads_examples(1, 12, 16, seed=3)``: V = 16, special token 15)::
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import numpy as np
 import torch
@@ -84,7 +86,7 @@ class InductionHeadsDataModule(SyntheticDataModule):
                  test_lengths: list | None = None, num_train_examples: int = 10000,
                  num_test_examples: int = 256, batch_size: int = 64, seed: int = 0,
                  num_workers: int = 0, eval_lengths: list | None = None, eval_examples: int = 32,
-                 eval_tokens_per_batch: int = 2**20):
+                 eval_tokens_per_batch: int = 2**20, eval_time_limit_s: float = 1800.0):
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         check_induction_heads(train_seq_len, vocab_size, len_field="train_seq_len")
         self.vocab_size = vocab_size
@@ -92,6 +94,8 @@ class InductionHeadsDataModule(SyntheticDataModule):
         require_positive_int(eval_examples, "task.eval_examples")
         require_positive_int(eval_tokens_per_batch, "task.eval_tokens_per_batch")
         self.eval_examples, self.eval_tokens_per_batch = eval_examples, eval_tokens_per_batch
+        require(eval_time_limit_s > 0, "task.eval_time_limit_s", f"must be positive, got {eval_time_limit_s}")
+        self.eval_time_limit_s = float(eval_time_limit_s)
         require(test_lengths is not None and len(test_lengths) > 0, "task.test_lengths",
                 "needs at least one test length")
         lengths = [self._length(T, i, "test_lengths") for i, T in enumerate(test_lengths)]
@@ -124,11 +128,19 @@ class InductionHeadsDataModule(SyntheticDataModule):
         model.eval()
         out: dict[str, float] = {}
         oom_from = None
+        t_start = time.time()
         for i, T in enumerate(self.eval_lengths):
             key = f"extrapolation/acc/T={T}"
             if oom_from is not None and T >= oom_from:
                 out[key] = math.nan
                 continue
+            if i > 0 and time.time() - t_start > self.eval_time_limit_s:  # the record must still be written
+                print(f"induction heads: eval_time_limit_s={self.eval_time_limit_s:g} reached before T={T}; "
+                      f"the remaining lengths are NaN", flush=True)
+                out.setdefault("extrapolation/time_limit_from", float(T))
+                out[key] = math.nan
+                continue
+            t0 = time.time()
             x, y = induction_heads_examples(self.eval_examples, T, self.vocab_size,
                                             seed=self.seed * 1000 + 7919 + i)  # (n, T) each
             per_batch = max(1, self.eval_tokens_per_batch // T)
@@ -140,6 +152,7 @@ class InductionHeadsDataModule(SyntheticDataModule):
                     pred = logits[:, -1].argmax(-1).cpu()  # (b,) only the last position is scored
                     correct += int((pred == y[s:s + per_batch, -1]).sum())
                 out[key] = correct / len(x)
+                print(f"induction heads: T={T} accuracy {out[key]:.3f} ({time.time() - t0:.1f} s)", flush=True)
             except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as e:
                 if not _is_oom(e):
                     raise

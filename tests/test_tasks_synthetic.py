@@ -245,3 +245,11 @@ def test_induction_heads_evaluation_with_a_real_model():
     out = dm.evaluate_model(model)
     assert set(out) == {"extrapolation/acc/T=64", "extrapolation/acc/T=512"}
     assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+def test_induction_heads_evaluation_time_limit():
+    dm = InductionHeadsDataModule(vocab_size=16, train_seq_len=32, test_lengths=[32],
+                                  eval_lengths=[64, 128], eval_examples=2, eval_time_limit_s=1e-9)
+    out = dm.evaluate_model(_Oracle(16))
+    assert out["extrapolation/acc/T=64"] == 1.0  # the first length always runs
+    assert out["extrapolation/time_limit_from"] == 128 and out["extrapolation/acc/T=128"] != out["extrapolation/acc/T=128"]
