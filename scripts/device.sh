@@ -44,7 +44,10 @@ case $stage in
     done ;;
   study)
     name=$(basename "$1" .txt)
+    # a task=pile job prepares the embedded corpus on first use: do it once, before the jobs race
+    python3 -c "from ssdbench.tasks.pile import PileDataModule as P; P(seq_len=64, batch_size=1).setup('fit')" \
+      > /dev/null 2>&1 || true
     python3 scripts/gpu_study.py "$1" --workers "${WORKERS:-12}" --results "/tmp/$name" \
       --deadline "${DEADLINE:-480}" --job-timeout "${JOB_TIMEOUT:-400}" 2>&1 | tee "$OUT/$name.log" | tail -70
-    tar czf "$OUT/$name.tgz" -C /tmp "$name" ;;
+    tar czf "$OUT/$name.tgz" --exclude="*.ckpt" -C /tmp "$name"; ls -la "$OUT" ;;
 esac

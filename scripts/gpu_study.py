@@ -2,7 +2,8 @@
 
 Small synthetic-task models leave an H100 idle: their steps are bound by Python and kernel
 launches, so running several jobs side by side (one process each, sharing the GPU) finishes a
-study many times sooner. Each line of JOBS is one job's overrides; jobs start in file order,
+study many times sooner. Each line of JOBS is one job's overrides (leading NAME=value words in capitals are its
+environment); jobs start in file order,
 --workers at a time; a job past --job-timeout is sent SIGTERM, which the run turns into
 status `interrupted` with a checkpoint (rerunning the same line resumes it).
 
@@ -22,7 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 def run_job(line: str, args, t_end: float) -> tuple[str, int, float]:
-    cmd = [sys.executable, "-m", "ssdbench.cli", "run", *shlex.split(line), "progress_bar=false",
+    words = shlex.split(line)
+    # leading NAME=value words in capitals are environment variables of this job
+    env = dict(os.environ)
+    while words and "=" in words[0] and words[0].split("=", 1)[0].isupper():
+        k, v = words.pop(0).split("=", 1)
+        env[k] = v
+    cmd = [sys.executable, "-m", "ssdbench.cli", "run", *words, "progress_bar=false",
            f"results_dir={args.results}"]
     budget = min(args.job_timeout, t_end - time.time())
     if budget < 30:
@@ -31,7 +38,7 @@ def run_job(line: str, args, t_end: float) -> tuple[str, int, float]:
     log = open(os.path.join(args.logs, f"job{abs(hash(line)) % 10**8}.log"), "w")
     log.write(line + "\n")
     log.flush()
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         rc = p.wait(timeout=budget)
     except subprocess.TimeoutExpired:
