@@ -31,8 +31,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 case $stage in
   tests)
     name=$(echo "${1:-all}" | tr '/' '_' | sed 's/\.py//')
+    [ $# -gt 0 ] || set -- tests/
+    # "$@" quoted: a -k expression with spaces must reach pytest as one argument
     timeout -s INT "${BUDGET:-400}" python3 -m pytest -q -rfE -n "${WORKERS:-12}" -p no:cacheprovider \
-      --timeout 300 --durations 8 ${@:-tests/} > "$OUT/tests_$name.log" 2>&1
+      --timeout 300 --durations 8 "$@" > "$OUT/tests_$name.log" 2>&1
     tail -40 "$OUT/tests_$name.log" ;;
   bench)
     echo "== bench $*"

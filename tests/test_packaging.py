@@ -31,7 +31,7 @@ def test_wheel_installs_and_runs_outside_repo(tmp_path):
     out = subprocess.run([str(env_dir / "bin" / "ssdbench"), "run", "--help"], cwd=work,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "model: based, mamba1, mamba2, transformerpp" in out.stdout and "task: induction_heads, mqar, selective_copying" in out.stdout
+    assert "model: based, mamba1, mamba2, transformerpp" in out.stdout and "task: induction_heads, mqar, pile, selective_copying" in out.stdout
     cfg = subprocess.run([str(env_dir / "bin" / "ssdbench"), "run", "--cfg", "job", "model.d_model=48"],
                          cwd=work, capture_output=True, text=True, timeout=120)
     assert cfg.returncode == 0 and "d_model: 48" in cfg.stdout, cfg.stderr
