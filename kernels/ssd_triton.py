@@ -668,6 +668,10 @@ def _fixed(cfg: dict, BN: int) -> dict:
     cfg = dict(cfg)
     if BN > 128 and "num_stages" in cfg:
         cfg["num_stages"] = 1
+    # Investigation switch for the open dx-kernel fault (notes/ssd.md): SSD_NUM_STAGES=1 with
+    # SSD_NO_AUTOTUNE=1 runs the fixed configs without software pipelining.
+    if os.environ.get("SSD_NUM_STAGES") and "num_stages" in cfg:
+        cfg["num_stages"] = int(os.environ["SSD_NUM_STAGES"])
     return cfg
 
 
