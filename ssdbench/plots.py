@@ -496,9 +496,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--facet", default=None, help="custom figure: one panel per value of this field")
     p.add_argument("--hue", default=None, help="custom figure: one line per value of this field "
                                                "(default model_name)")
-    p.add_argument("--best-over", default="optim.lr",
-                   help="for runs that differ only in this field, plot the best one (default optim.lr: "
-                        "the best learning rate per point, as the papers report); 'none' keeps all")
+    p.add_argument("--best-over", default=None,
+                   help="for runs that differ only in this field, plot the best one (default: optim.lr "
+                        "when the records have it: the best learning rate per point, as the papers "
+                        "report); 'none' keeps all")
 
 
 def _fail(msg: str) -> int:
@@ -517,8 +518,15 @@ def main(args: argparse.Namespace) -> int:
         df = df[df["status"] == args.status].reset_index(drop=True)
         if df.empty:
             return _fail(f"no record with status {args.status!r} under {root} (try --status all)")
-    if args.best_over and args.best_over != "none":
-        field = resolve_field(df, args.best_over) or args.best_over
+    if args.best_over is not None and args.best_over != "none":
+        field = resolve_field(df, args.best_over)
+        if field is None:  # a typo must not silently plot every learning rate as one mean
+            return _fail(f"--best-over: no field {args.best_over!r} in the records")
+    elif args.best_over is None:  # the default: the best learning rate when the runs have one
+        field = resolve_field(df, "optim.lr")
+    else:
+        field = None
+    if field is not None:
         n = len(df)
         df = best_over(df, field, getattr(args, "metric", "val/acc"))
         if len(df) < n:

@@ -225,3 +225,9 @@ def test_scaling_figures_skipped_for_synthetic_tasks_and_one_size(tmp_path):
     df = load_records(write_scaling_records(tmp_path / "mqar", widths=(64, 128)))
     df["task_name"] = "mqar"
     assert plots.fig_loss_vs_flops(df)[1] == "no language-model record with val/loss"
+
+
+def test_best_over_unknown_field_is_one_line_exit_2(results, capsys):
+    assert plots.main(_args(results, "--best-over", "optim.lrr")) == 2
+    assert "--best-over: no field 'optim.lrr'" in capsys.readouterr().err
+    assert not (results / "figures").exists()  # nothing half-written
