@@ -668,10 +668,6 @@ def _fixed(cfg: dict, BN: int) -> dict:
     cfg = dict(cfg)
     if BN > 128 and "num_stages" in cfg:
         cfg["num_stages"] = 1
-    # Investigation switch for the open dx-kernel fault (notes/ssd.md): SSD_NUM_STAGES=1 with
-    # SSD_NO_AUTOTUNE=1 runs the fixed configs without software pipelining.
-    if os.environ.get("SSD_NUM_STAGES") and "num_stages" in cfg:
-        cfg["num_stages"] = int(os.environ["SSD_NUM_STAGES"])
     return cfg
 
 
@@ -729,8 +725,18 @@ def _ckpt_dtype(x):
 
 
 def _tiles(P: int, N: int, Q: int):
+    """T (time tile), BP and BN (head-dim and state tiles) of the chunk kernels.
+
+    BP is at least 64, also for P = 16 or 32 (masked columns). With BP < 64 and BN = 64 the
+    Triton 3.6 build of these kernels faulted on the H100 ("an illegal memory access";
+    compute-sanitizer: out-of-range shared address inside a dot): the (BN, BP) state operand,
+    read K-major into a 128-byte-swizzled shared buffer, is fetched by the wgmma past the end
+    of the kernel's shared allocation, which faults only when the block's shared window sits at
+    the top of the SM, i.e. at large grids. A stress run (scripts/ssd_fault_probe.py, batch 64 x
+    256 tokens, 300 passes) failed at every P < 64 with N = 64 and passed at P >= 64 for
+    every N (notes/ssd.md). The masked columns cost time only for P < 64."""
     T = min(Q, 64)
-    BP = max(16, _next_pow2(P))
+    BP = max(64, _next_pow2(P))
     BN = max(16, _next_pow2(N))
     return T, BP, BN
 
