@@ -1,4 +1,5 @@
-"""Mamba-1 model: paper parameter count, decoding equals the forward, init, impls, config errors."""
+"""Mamba-1 model: paper parameter count, decoding equals the forward, init, impls, config errors,
+and the LTI (selective=False, S4-like) ablation of the paper's Table 1."""
 import math
 import os
 import random
@@ -110,11 +111,13 @@ def test_auto_equals_torch_on_cpu():
 
 @pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-def test_triton_equals_torch_forward_backward():
-    """The Triton kernels (interpreted on a CPU) give the reference's outputs and gradients."""
+@pytest.mark.parametrize("selective", [True, False], ids=["selective", "lti"])
+def test_triton_equals_torch_forward_backward(selective):
+    """The Triton kernels (interpreted on a CPU) give the reference's outputs and gradients
+    (LTI: delta, B and C reach the kernels as stride-0 broadcast views)."""
     torch.manual_seed(random.randrange(2**31))
     big = DEVICE == "cuda"
-    kw = dict(d_model=64 if big else 16, n_layers=2, d_state=16 if big else 4)
+    kw = dict(d_model=64 if big else 16, n_layers=2, d_state=16 if big else 4, selective=selective)
     ref, tri = tiny(impl="torch", **kw).to(DEVICE), tiny(impl="triton", **kw).to(DEVICE)
     tri.load_state_dict(ref.state_dict())
     L = 300 if big else 11  # not a multiple of any block
@@ -144,6 +147,8 @@ def test_triton_equals_torch_forward_backward():
     (dict(dt_min=0.2, dt_max=0.1), "model.dt_min"),
     (dict(dt_init_floor=0.0), "model.dt_init_floor"),
     (dict(impl="cuda"), "model.impl"),
+    (dict(selective="no"), "model.selective"),
+    (dict(selective=0), "model.selective"),
     (dict(d_model=0), "model.d_model"),
     (dict(n_layers=-1), "model.n_layers"),
 ])
@@ -152,3 +157,131 @@ def test_bad_config(kwargs, field):
     args.update(kwargs)
     with pytest.raises(ConfigError, match=field):
         Mamba1(V, **args)
+
+
+# ------------------------------------------------------------------ LTI (selective=False) ablation
+
+def _randomize_lti(m):
+    """Non-trivial D, conv bias and LTI parameters (dt_lti != 0 so dt_proj.weight matters)."""
+    with torch.no_grad():
+        for layer in m.layers:
+            mx = layer.mixer
+            mx.D.normal_()
+            mx.conv1d.bias.normal_(std=0.5)
+            mx.dt_lti.normal_()
+            mx.B_lti.normal_()
+            mx.C_lti.normal_()
+    return m
+
+
+def test_lti_step_equals_forward():
+    """selective=False: stepping the mixer (and the whole model) token by token gives the forward."""
+    m = _randomize_lti(tiny(selective=False, d_conv=random.choice([2, 3, 4]))).double().eval()
+    mixer = m.layers[0].mixer
+    u = torch.randn(3, 9, 32, dtype=torch.float64)
+    seq_idx = torch.zeros(3, 9, dtype=torch.int32)
+    with torch.no_grad():
+        full = mixer(u)
+        torch.testing.assert_close(mixer(u, seq_idx=seq_idx), full)
+        state = mixer.allocate_state(3, dtype=torch.float64)
+        ys = []
+        for t in range(9):
+            y, state = mixer.step(u[:, t], state)
+            ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 1), full)
+    assert state[0].shape == (3, 64, m.layers[0].mixer.d_conv - 1) and state[1].shape == (3, 64, 8)
+    x = torch.randint(0, V, (2, random.randint(5, 12)))
+    with torch.no_grad():
+        torch.testing.assert_close(decode_logits(m, x), m(x))
+
+
+def test_lti_parameters_are_input_independent_and_trained():
+    m = tiny(selective=False)
+    sel = tiny()
+    names = {n for n, _ in m.named_parameters()}
+    for i in range(2):
+        assert {f"layers.{i}.mixer.{p}" for p in ("dt_lti", "B_lti", "C_lti")} <= names
+        assert f"layers.{i}.mixer.x_proj.weight" in {n for n, _ in sel.named_parameters()}
+    assert not any("x_proj" in n for n in names) and not any("_lti" in n for n, _ in sel.named_parameters())
+    mixer = m.layers[0].mixer
+    assert not hasattr(mixer, "x_proj")
+    R, N = mixer.R, mixer.N
+    assert mixer.dt_lti.shape == (R,) and mixer.B_lti.shape == (N,) and mixer.C_lti.shape == (N,)
+    # init: dt_lti = 0 (delta starts at softplus(dt_proj.bias) = dt0, as in the selective
+    # model), B = 1, C ~ N(0, 1/N) (S4D)
+    assert (mixer.dt_lti == 0).all() and (mixer.B_lti == 1).all()
+    assert mixer.C_lti.std() > 0 and mixer.C_lti.abs().max() < 6 * N ** -0.5
+
+    # what reaches the scan: delta, B and C equal for two different inputs, constant over batch and time
+    seen = []
+    scan = mixer._scan
+
+    def spy(x, delta, A, B, C, **kw):
+        seen.append((delta, B, C))
+        return scan(x, delta, A, B, C, **kw)
+
+    mixer._scan = spy
+    with torch.no_grad():
+        mixer(torch.randn(2, 6, 32))
+        mixer(3 * torch.randn(2, 6, 32) + 1)
+    del mixer._scan
+    (d1, B1, C1), (d2, B2, C2) = seen
+    assert d1.shape == (2, 64, 6) and B1.shape == C1.shape == (2, 8, 6)  # (batch, D, L), (batch, N, L)
+    for a, b in ((d1, d2), (B1, B2), (C1, C2)):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, a[:1, :, :1].expand_as(a))
+    torch.testing.assert_close(B1[0, :, 0], mixer.B_lti.detach())
+    torch.testing.assert_close(C1[0, :, 0], mixer.C_lti.detach())
+    torch.testing.assert_close(d1[0, :, 0], F.linear(mixer.dt_lti, mixer.dt_proj.weight).detach())
+
+    # gradients reach the LTI parameters (and, through dt_lti, dt_proj.weight once dt_lti != 0)
+    x = torch.randint(0, V, (2, 10))
+    m(x).float().pow(2).mean().backward()
+    for layer in m.layers:
+        for p in (layer.mixer.B_lti, layer.mixer.C_lti, layer.mixer.dt_lti):
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # 1-D: AdamW does not decay them (the shell's rule for vectors)
+    skip = m.no_weight_decay_params()
+    assert all(id(p) in skip for p in (mixer.dt_lti, mixer.B_lti, mixer.C_lti))
+
+
+def test_lti_param_count_flops_state_size():
+    """Per layer the LTI model lacks x_proj (D (R + 2N) weights) and has R + 2N vectors instead;
+    FLOPs drop x_proj's matmul and the per-token dt_proj (applied once per call); state unchanged."""
+    kw = dict(d_model=48, n_layers=3, d_state=8, d_conv=3)
+    sel, lti = Mamba1(V, **kw), Mamba1(V, selective=False, **kw)
+    mixer = sel.layers[0].mixer
+    D, R, N = mixer.d_inner, mixer.R, mixer.N
+    assert (D, R, N) == (96, 3, 8)
+    assert mixer.x_proj.weight.numel() == D * (R + 2 * N)
+    per_layer = mixer.x_proj.weight.numel() - (R + 2 * N)
+    assert sel.num_params() - lti.num_params() == 3 * per_layer
+    assert sel.num_params(non_embedding=True) - lti.num_params(non_embedding=True) == 3 * per_layer
+    assert lti.state_size() == sel.state_size() == 3 * (D * N + D * (3 - 1))
+    T = 256
+    assert sel.flops_per_token(T) - lti.flops_per_token(T) == 3 * (2 * D * (R + 2 * N) + 2 * R * D)
+
+
+def test_lti_from_config():
+    """model=mamba1 model.selective=false composes and builds the LTI model; the default is selective."""
+    from hydra import compose, initialize_config_module
+
+    from ssdbench.train import _check_fields, build
+
+    base = ["experiment=selective_copying", "model=mamba1", "model.impl=torch"]
+    with initialize_config_module("ssdbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=base)
+        assert cfg.model.selective is True
+        default = build(cfg.model)
+        cfg = compose("config", overrides=[*base, "model.selective=false"])
+        _check_fields(cfg.model, "model")
+        lti = build(cfg.model)
+        bad = compose("config", overrides=[*base, "model.selective=maybe"])
+        with pytest.raises(ConfigError, match="model.selective"):
+            build(bad)
+    assert isinstance(lti, Mamba1) and all(not layer.mixer.selective for layer in lti.layers)
+    assert all(layer.mixer.selective and hasattr(layer.mixer, "x_proj") for layer in default.layers)
+    assert not any("x_proj" in n for n, _ in lti.named_parameters())
+    x = torch.randint(0, cfg.task.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert lti(x).shape == (2, 16, cfg.task.vocab_size)

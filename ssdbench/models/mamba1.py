@@ -17,6 +17,15 @@ shared by all channels (one group): Mamba's multi-input (MVA) head structure.
 The kernels read channel-first (batch, D, L) tensors; the block keeps its activations in
 (batch, L, D) from the projections and hands the kernels transposed views (no copies on the
 Triton path).
+
+LTI ablation (``selective=False``, the S4-like layer of the paper's Table 1, which fails
+selective copying): there is no x_proj; dt, B and C are learned parameters dt_lti (R,),
+B_lti (N,), C_lti (N,), the same for every token and sequence, so delta = softplus(dt_proj(
+dt_lti) + bias) is constant in time and the SSM is a linear time-invariant convolution
+(the depthwise conv before it and the SiLU gate z after it are unchanged). Same code path and
+kernels: the constants enter as stride-0 broadcast views of the shapes x_proj would produce.
+dt_lti = 0 starts delta at the selective model's dt0; B_lti = 1 and C_lti ~ N(0, 1/N) as in
+S4D's initialisation (C scaled so the readout's variance does not grow with N).
 """
 from __future__ import annotations
 
@@ -42,19 +51,26 @@ def resolve_dt_rank(dt_rank, d_model: int) -> int:
 class Mamba1Mixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
-                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, impl: str = "auto"):
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, impl: str = "auto",
+                 selective: bool = True):
         super().__init__()
         self.d_model, self.N, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.R = resolve_dt_rank(dt_rank, d_model)
         self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
         self.impl = impl
+        self.selective = selective
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)  # -> [x | z]
         # Depthwise conv parameters live in an nn.Conv1d for PyTorch's default init (the shell
         # does not touch convolutions); the computation goes through causal_conv1d.
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=True)
-        self.x_proj = nn.Linear(self.d_inner, self.R + 2 * self.N, bias=False)  # -> [dt | B | C]
+        if selective:
+            self.x_proj = nn.Linear(self.d_inner, self.R + 2 * self.N, bias=False)  # -> [dt | B | C]
+        else:  # LTI: the same three quantities as input-independent parameters (set in init_special)
+            self.dt_lti = nn.Parameter(torch.zeros(self.R))  # (R,)
+            self.B_lti = nn.Parameter(torch.ones(self.N))  # (N,)
+            self.C_lti = nn.Parameter(torch.empty(self.N))  # (N,)
         self.dt_proj = nn.Linear(self.R, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.N))  # A = -exp(A_log), (D, N)
         self.D = nn.Parameter(torch.ones(self.d_inner))  # skip connection, (D,)
@@ -70,7 +86,8 @@ class Mamba1Mixer(nn.Module):
         dt_proj.weight ~ U(-s, s), s = dt_scale / sqrt(R), so delta's spread does not depend on
         the rank; dt_proj.bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max] floored
         at dt_init_floor, so softplus(0 + bias) starts every channel at its own time scale;
-        A_log = log(1..N) per channel (S4D-real); D = 1.
+        A_log = log(1..N) per channel (S4D-real); D = 1. LTI: dt_lti = 0 (delta = dt0 as in the
+        selective model at init), B_lti = 1, C_lti ~ N(0, 1/N) (S4D).
         """
         s = self.dt_scale * self.R ** -0.5
         self.dt_proj.weight.uniform_(-s, s)
@@ -80,6 +97,10 @@ class Mamba1Mixer(nn.Module):
         n = torch.arange(1, self.N + 1, dtype=torch.float32)  # (N,)
         self.A_log.copy_(torch.log(n).expand(self.d_inner, self.N))
         self.D.fill_(1.0)
+        if not self.selective:
+            self.dt_lti.zero_()
+            self.B_lti.fill_(1.0)
+            self.C_lti.normal_(std=self.N ** -0.5)
 
     def _A(self) -> torch.Tensor:
         """A = -exp(A_log) (D, N), in fp32 at least (A_log may be fp64 in tests, never below fp32)."""
@@ -100,13 +121,23 @@ class Mamba1Mixer(nn.Module):
             return selective_scan_ref(x, *args, **kwargs)
         return selective_scan(x, *args, **kwargs)
 
+    def _lti_params(self, *lead):
+        """LTI: delta without its bias (*lead, D) and B, C (*lead, N) as stride-0 broadcast views
+        of one (D,) / (N,) vector each: dt_proj runs once per call, not once per token."""
+        delta = F.linear(self.dt_lti, self.dt_proj.weight)  # (D,)
+        return (delta.expand(*lead, self.d_inner), self.B_lti.expand(*lead, self.N),
+                self.C_lti.expand(*lead, self.N))
+
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         batch, L, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, L, D) each
         x = self._conv(x.transpose(1, 2), seq_idx)  # (batch, D, L), layout of the input view
-        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.R, self.N, self.N], dim=-1)
-        # delta without its bias: the kernel adds dt_proj.bias and applies softplus in fp32
-        delta = F.linear(dt, self.dt_proj.weight)  # (batch, L, D)
+        if self.selective:
+            dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.R, self.N, self.N], dim=-1)
+            # delta without its bias: the kernel adds dt_proj.bias and applies softplus in fp32
+            delta = F.linear(dt, self.dt_proj.weight)  # (batch, L, D)
+        else:  # the same shapes, constant over batch and time (the kernels take any strides)
+            delta, B, C = self._lti_params(batch, L)  # (batch, L, D), (batch, L, N) x2
         A = self._A()  # (D, N)
         y = self._scan(x, delta.transpose(1, 2), A,
                        B.transpose(1, 2), C.transpose(1, 2),  # (batch, N, L) each
@@ -127,8 +158,11 @@ class Mamba1Mixer(nn.Module):
         conv_state, ssm_state = state
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, D) each
         x = causal_conv1d_update(x, conv_state, self.conv1d.weight, self.conv1d.bias, activation="silu")
-        dt, B, C = torch.split(self.x_proj(x), [self.R, self.N, self.N], dim=-1)  # (batch, R), (batch, N) x2
-        delta = F.linear(dt, self.dt_proj.weight)  # (batch, D)
+        if self.selective:
+            dt, B, C = torch.split(self.x_proj(x), [self.R, self.N, self.N], dim=-1)  # (batch, R), (batch, N) x2
+            delta = F.linear(dt, self.dt_proj.weight)  # (batch, D)
+        else:
+            delta, B, C = self._lti_params(u.shape[0])  # (batch, D), (batch, N) x2
         A = self._A()  # (D, N)
         y = selective_state_update(ssm_state, x, delta, A, B, C, D=self.D, z=z,
                                    dt_bias=self.dt_proj.bias, dt_softplus=True)  # (batch, D)
@@ -143,8 +177,15 @@ class Mamba1Mixer(nn.Module):
         (2) and the add (1), then C * h and its sum over n (2). Conv: 2 * W per channel.
         Per-channel elementwise work (softplus, D skip, SiLU gate) is not counted, as norms and
         activations are not counted elsewhere. Independent of seq_len (a recurrence).
+
+        The x_proj matmul is in the shell's count of nn.Linear modules, so the LTI variant
+        (no x_proj) drops it there; the shell also counts dt_proj per token (2 R D), which the
+        LTI variant applies once per call to a constant vector, so that term is taken off here.
         """
-        return 9 * self.d_inner * self.N + 2 * self.d_inner * self.d_conv
+        flops = 9 * self.d_inner * self.N + 2 * self.d_inner * self.d_conv
+        if not self.selective:
+            flops -= 2 * self.R * self.d_inner
+        return flops
 
     def state_size(self) -> int:
         """Recurrent state per sequence: SSM state D * N plus the conv buffer D * (W - 1)
@@ -153,14 +194,17 @@ class Mamba1Mixer(nn.Module):
 
 
 class Mamba1(LanguageModel):
-    """Mamba (Gu & Dao 2023): Mamba blocks only, no MLP; 130M = 24 x 768, d_state 16."""
+    """Mamba (Gu & Dao 2023): Mamba blocks only, no MLP; 130M = 24 x 768, d_state 16.
+
+    ``selective=False``: the LTI (S4-like) ablation of Table 1 (see the module docstring)."""
 
     arch = "mamba1"
 
     def __init__(self, vocab_size: int, d_model: int = 768, n_layers: int = 24, d_state: int = 16,
                  d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto", dt_min: float = 1e-3,
                  dt_max: float = 1e-1, dt_init_floor: float = 1e-4, impl: str = "auto",
-                 norm_eps: float = 1e-5, init_std: float = 0.02, pad_vocab_multiple: int = 8):
+                 norm_eps: float = 1e-5, init_std: float = 0.02, pad_vocab_multiple: int = 8,
+                 selective: bool = True):
         for field, value in dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
                                  d_state=d_state, d_conv=d_conv, expand=expand,
                                  pad_vocab_multiple=pad_vocab_multiple).items():
@@ -174,10 +218,11 @@ class Mamba1(LanguageModel):
                     f"model.{field}", f"must be a positive number, got {value!r}")
         require(dt_min <= dt_max, "model.dt_min", f"must not exceed model.dt_max={dt_max}, got {dt_min}")
         require(impl in IMPLS, "model.impl", f"must be auto, triton or torch, got {impl!r}")
+        require(isinstance(selective, bool), "model.selective", f"must be true or false, got {selective!r}")
         super().__init__(
             vocab_size, d_model, n_layers,
             make_mixer=lambda i: Mamba1Mixer(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max,
-                                             dt_init_floor, impl=impl),
+                                             dt_init_floor, impl=impl, selective=selective),
             make_mlp=lambda i: None,
             norm_eps=norm_eps, init_std=init_std, pad_vocab_multiple=pad_vocab_multiple,
         )
