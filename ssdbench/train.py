@@ -10,13 +10,16 @@ prints the journal as a table at the end and exits 1 if any job did not finish o
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -124,6 +127,31 @@ for _name, _fn in (("ssdbench.run_name", _run_name), ("ssdbench.precision", _aut
                    ("ssdbench.wandb_tags", _wandb_tags)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
+
+
+class Terminated(SystemExit):
+    """SIGTERM outside trainer.fit (handled like Lightning's SIGTERMException inside it)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into a `Terminated` exception for the duration (main thread only).
+
+    After fit, Lightning has put the default SIGTERM action back, which ends the process at
+    once: a job scheduler's timeout during the final validation or a long evaluation (induction
+    heads up to 2^20 tokens) would leave the record "running" and no checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(EXIT_INTERRUPTED)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class RecordCallback(Callback):
@@ -512,22 +540,34 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
             for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
                 stale.unlink(missing_ok=True)
         trainer.strategy.barrier("ssdbench-hpc-cleanup")
-        final = trainer.validate(lit, datamodule=datamodule, verbose=False)[0]
-        metrics = {k: float(v) for k, v in final.items()}
-        if not trainer.is_global_zero:  # the other DDP processes are done: rank 0 reports
-            return metrics
-        # Tasks with an evaluation beyond the validation loop (e.g. induction heads at test
-        # lengths up to 2^20, streamed through the recurrent path) provide
-        # evaluate_model(model) -> metrics.
-        evaluate = getattr(datamodule, "evaluate_model", None)
-        if evaluate is not None:
-            metrics.update({k: float(v) for k, v in evaluate(lit.model).items()})
-    except Exception as e:
-        # An error outside fit (validation, evaluation) must not leave the record "running";
-        # inside fit, on_exception has already recorded it.
+        metrics = {}
+        with _sigterm_raises():  # Lightning turns SIGTERM into an exception only inside fit
+            final = trainer.validate(lit, datamodule=datamodule, verbose=False)[0]
+            metrics = {k: float(v) for k, v in final.items()}
+            if not trainer.is_global_zero:  # the other DDP processes are done: rank 0 reports
+                return metrics
+            # Tasks with an evaluation beyond the validation loop (e.g. induction heads at test
+            # lengths up to 2^20, streamed through the recurrent path) provide
+            # evaluate_model(model) -> metrics.
+            evaluate = getattr(datamodule, "evaluate_model", None)
+            if evaluate is not None:
+                metrics.update({k: float(v) for k, v in evaluate(lit.model).items()})
+    except BaseException as e:
+        # An error or a SIGTERM outside fit (validation, evaluation) must not leave the record
+        # "running"; inside fit, on_exception has already recorded it. An interrupted
+        # evaluation keeps the weights (a rerun resumes at the last step and evaluates again)
+        # and the metrics it had.
         if record_cb.status == "running":
             record_cb.error = f"{type(e).__name__}: {e}"
-            record_cb.write(trainer, lit, "failed")
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                if trainer.world_size == 1:
+                    try:
+                        trainer.save_checkpoint(record_cb.ckpt_path)
+                    except Exception as ce:  # noqa: BLE001 - the record matters more
+                        print(f"warning: could not save {record_cb.ckpt_path}: {ce}", file=sys.stderr)
+                record_cb.write(trainer, lit, "interrupted", metrics or None)
+            else:
+                record_cb.write(trainer, lit, "failed")
         raise
     path = record_cb.write(trainer, lit, "ok", metrics)
     _print_summary(cfg, metrics, path, record_cb)

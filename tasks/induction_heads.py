@@ -79,6 +79,19 @@ def check_induction_heads(seq_len: int, vocab_size: int, where: str = "task",
             f"needs a special token and at least 2 ordinary tokens, got {vocab_size}")
 
 
+def _next_time(times: list[tuple[int, float]], T: int) -> float:
+    """Expected seconds to score length T, from the lengths scored so far: the growth of the
+    last two (time ~ length^k, k between 1 for the SSMs' linear scans and 2 for attention)
+    carried on to T; 0 before two lengths have run (short lengths cost little)."""
+    if len(times) < 2:
+        return 0.0
+    (T1, s1), (T2, s2) = times[-2], times[-1]
+    if s1 <= 0 or s2 <= 0 or T2 <= T1:
+        return s2
+    k = min(max(math.log(s2 / s1) / math.log(T2 / T1), 1.0), 2.0)
+    return s2 * (T / T2) ** k
+
+
 class InductionHeadsDataModule(SyntheticDataModule):
     """Train at one length; test one segment per length in ``test_lengths``."""
 
@@ -129,14 +142,20 @@ class InductionHeadsDataModule(SyntheticDataModule):
         out: dict[str, float] = {}
         oom_from = None
         t_start = time.time()
+        times: list[tuple[int, float]] = []  # (length, seconds) of the lengths scored
         for i, T in enumerate(self.eval_lengths):
             key = f"extrapolation/acc/T={T}"
             if oom_from is not None and T >= oom_from:
                 out[key] = math.nan
                 continue
-            if i > 0 and time.time() - t_start > self.eval_time_limit_s:  # the record must still be written
-                print(f"induction heads: eval_time_limit_s={self.eval_time_limit_s:g} reached before T={T}; "
-                      f"the remaining lengths are NaN", flush=True)
+            # Stop before a length that would end past the limit, not only after the limit has
+            # passed: lengths double, and attention's time grows up to 4x per step, so one
+            # length too many can take longer than all before it (the record must be written
+            # before a scheduler's timeout).
+            expected = _next_time(times, T)
+            if i > 0 and time.time() - t_start + expected > self.eval_time_limit_s:
+                print(f"induction heads: eval_time_limit_s={self.eval_time_limit_s:g} would be passed at "
+                      f"T={T} (about {expected:.0f} s more); the remaining lengths are NaN", flush=True)
                 out.setdefault("extrapolation/time_limit_from", float(T))
                 out[key] = math.nan
                 continue
@@ -152,6 +171,7 @@ class InductionHeadsDataModule(SyntheticDataModule):
                     pred = logits[:, -1].argmax(-1).cpu()  # (b,) only the last position is scored
                     correct += int((pred == y[s:s + per_batch, -1]).sum())
                 out[key] = correct / len(x)
+                times.append((T, time.time() - t0))
                 print(f"induction heads: T={T} accuracy {out[key]:.3f} ({time.time() - t0:.1f} s)", flush=True)
             except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as e:
                 if not _is_oom(e):

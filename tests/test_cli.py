@@ -156,6 +156,41 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
     assert r["tokens_seen"] == 2000 * 64 * 32  # the count survives the resume
 
 
+def test_sigterm_during_evaluation_keeps_record_and_checkpoint(tmp_path):
+    """SIGTERM after training, while induction heads is scored at long lengths (Lightning no
+    longer handles signals then): the record says interrupted with the validation metrics and
+    last.ckpt holds the weights; the rerun resumes at the last step, scores again and ends ok
+    (its evaluation stopped by the time limit, which looks ahead to the next length)."""
+    args = ["run", "task=induction_heads", "model=mamba2", "progress_bar=false", "trainer=cpu",
+            f"results_dir={tmp_path}", "study=ev", "trainer.max_steps=4", "trainer.val_check_interval=4",
+            "task.train_seq_len=32", "task.test_lengths=[32]", "task.num_train_examples=64",
+            "task.num_test_examples=16", "task.batch_size=16", "task.eval_examples=1",
+            "task.eval_lengths=[64,128,256,512,1024,2048,4096,8192,16384,32768,65536,131072,262144]",
+            "task.eval_time_limit_s=8"]
+    proc = subprocess.Popen([sys.executable, "-m", "ssdbench.cli", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    lines = []
+    for line in proc.stdout:  # wait until the evaluation has scored its first length
+        lines.append(line)
+        if "induction heads: T=64 accuracy" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, out[-2000:]
+    (path,) = tmp_path.rglob("record.json")
+    r = json.loads(path.read_text())
+    assert r["status"] == "interrupted" and r["global_step"] == 4, out[-2000:]
+    assert "val/acc" in r["metrics"] and "Terminated" in r["error"]
+    ckpt = path.parent / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+
+    ssdbench(*args, cwd=tmp_path, check=0)
+    r = json.loads(path.read_text())
+    assert r["status"] == "ok" and r["global_step"] == 4 and r["resumed_from"] == str(ckpt)
+    assert r["metrics"]["extrapolation/acc/T=64"] in (0.0, 1.0)
+    assert r["metrics"]["extrapolation/time_limit_from"] <= 262144
+
+
 def test_tokens_counted_over_accumulated_micro_batches(tmp_path):
     """With gradient accumulation an optimizer step consumes several batches; the record's
     token count (and so its FLOPs, and the scaling fits built on them) must include all."""

@@ -253,3 +253,31 @@ def test_induction_heads_evaluation_time_limit():
     out = dm.evaluate_model(_Oracle(16))
     assert out["extrapolation/acc/T=64"] == 1.0  # the first length always runs
     assert out["extrapolation/time_limit_from"] == 128 and out["extrapolation/acc/T=128"] != out["extrapolation/acc/T=128"]
+
+
+def test_induction_heads_time_limit_looks_ahead(monkeypatch):
+    """A length that would end past the limit is not started: with times growing 4x per
+    doubling (attention), 1 s and 4 s for the first two lengths predict 16 s for the third,
+    which a 10 s limit does not allow, although only 5 s have passed."""
+    from ssdbench.tasks import induction_heads as ih
+    assert ih._next_time([], 64) == 0.0 and ih._next_time([(64, 1.0)], 128) == 0.0
+    assert ih._next_time([(64, 1.0), (128, 4.0)], 256) == pytest.approx(16.0)  # quadratic
+    assert ih._next_time([(64, 1.0), (128, 2.0)], 512) == pytest.approx(8.0)  # linear
+    assert ih._next_time([(64, 1.0), (128, 1.0)], 256) == pytest.approx(2.0)  # at least linear
+    assert ih._next_time([(64, 1.0), (128, 64.0)], 256) == pytest.approx(256.0)  # at most quadratic
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(ih.time, "time", lambda: clock["now"])
+
+    class Quadratic(_Oracle):  # scoring length T "takes" (T / 64)^2 seconds of the fake clock
+        def forward(self, x):
+            clock["now"] += (x.shape[1] / 64) ** 2
+            return super().forward(x)
+
+    dm = InductionHeadsDataModule(vocab_size=16, train_seq_len=32, test_lengths=[32],
+                                  eval_lengths=[64, 128, 256], eval_examples=2, eval_time_limit_s=10.0)
+    out = dm.evaluate_model(Quadratic(16))
+    assert out["extrapolation/acc/T=64"] == 1.0 and out["extrapolation/acc/T=128"] == 1.0
+    assert out["extrapolation/time_limit_from"] == 256
+    assert out["extrapolation/acc/T=256"] != out["extrapolation/acc/T=256"]  # NaN, not started
+    assert clock["now"] == 1005.0  # 1 s + 4 s: the 16 s length never ran
