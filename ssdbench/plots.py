@@ -43,6 +43,7 @@ from ssdbench.table import load_records  # noqa: E402
 D_MODEL = "config.model.d_model"
 STATE = "state_size"
 MODEL = "model_name"
+MARKERS = "osD^vP*X"
 SLICE = re.compile(r"^metrics\.(?P<base>.+?)/(?P<tags>(?:[A-Za-z_]+=[^,/]+,?)+)$")
 FORMATS = ("png", "pdf")
 
@@ -92,7 +93,7 @@ def best_over(df: pd.DataFrame, field: str = "config.optim.lr", metric: str = "v
         return df
     keys = [c for c in df.columns if c.startswith("config.") and c != field
             and not c.startswith(("config.hydra", "config.results_dir", "config.progress_bar"))]
-    keyed = df[keys].astype(str).agg("|".join, axis=1)
+    keyed = df[keys].map(str).agg("|".join, axis=1)  # map(str): missing values become "nan" (pandas 3 keeps them NaN under astype(str))
     best = pd.to_numeric(df[col], errors="coerce").groupby(keyed).idxmax().dropna().astype(int)
     return df.loc[sorted(best.values)].reset_index(drop=True)
 
@@ -129,9 +130,12 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, hue: pd.Series, logx: bool = Fa
     there are repeats (seeds)."""
     df = df.assign(_hue=hue.values, _x=pd.to_numeric(df[x], errors="coerce"),
                    _y=pd.to_numeric(df[y], errors="coerce")).dropna(subset=["_x", "_y"])
-    for name, g in sorted(df.groupby("_hue"), key=lambda kv: kv[0]):
+    for i, (name, g) in enumerate(sorted(df.groupby("_hue"), key=lambda kv: kv[0])):
         agg = g.groupby("_x")["_y"].agg(["mean", "min", "max", "count"]).sort_index()
-        line, = ax.plot(agg.index, agg["mean"], marker="o", label=str(name))
+        # a marker shape per line, each smaller than the last: lines that coincide (two models
+        # at 100 %) stay visible around each other
+        line, = ax.plot(agg.index, agg["mean"], marker=MARKERS[i % len(MARKERS)],
+                        markersize=max(3.0, 8.0 - 1.0 * i), label=str(name))
         if (agg["count"] > 1).any():
             ax.fill_between(agg.index, agg["min"], agg["max"], color=line.get_color(), alpha=0.2)
     if logx:
@@ -147,7 +151,10 @@ def _finish(fig, axes, title: str) -> None:
                 handles[lab] = h
                 labels.append(lab)
     if labels:
-        axes[-1].legend([handles[lab] for lab in labels], labels, loc="best", fontsize="small",
+        # beside the last panel, not on it: accuracy lines run along the top and bottom edges,
+        # where "best" placement still covers some of them
+        axes[-1].legend([handles[lab] for lab in labels], labels, loc="upper left",
+                        bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize="small",
                         title="model" if len(labels) < 12 else None)
     fig.suptitle(title)
     fig.tight_layout()

@@ -166,6 +166,25 @@ def test_best_learning_rate_per_point_and_state_size_lines(tmp_path):
     plt.close("all")
 
 
+def test_best_over_with_fields_missing_in_some_records(tmp_path):
+    """Records of different models have different config fields (Mamba-2's d_state, absent
+    for attention): the grouping must treat a missing value as a value (pandas 3 keeps NaN
+    under astype(str), which broke the join on the first real study)."""
+    root = tmp_path / "mixed"
+    for lr, acc in ((1e-3, 0.2), (1e-2, 0.6)):
+        for model, N in (("mamba2", 64), ("transformerpp", None)):
+            run = _write(root, f"{model}-{lr}", model, 64, {256: acc if model == "mamba2" else 1 - acc},
+                         curves=False)
+            r = rec.read_record(run / rec.RECORD_NAME)
+            r["config"]["optim"] = {"lr": lr}
+            if N is not None:
+                r["config"]["model"]["d_state"] = N
+            rec.write_record(run, r)
+    best = plots.best_over(_ok_records(root), "config.optim.lr")
+    assert len(best) == 2
+    assert dict(zip(best[plots.MODEL], best["config.optim.lr"])) == {"mamba2": 1e-2, "transformerpp": 1e-3}
+
+
 def test_acc_vs_length_extrapolation_curve(tmp_path, capsys):
     root = tmp_path / "ih"
     for model, accs in (("mamba2", {64: 1.0, 1024: 1.0, 2**20: 1.0}),
