@@ -27,13 +27,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Default for impl="auto" on CUDA: PyTorch's conv1d for now. The Triton kernel is faster on an
-# H100 (results/h100/conv_bench.md, bf16, D=4096, L=2K: forward 0.50 vs 3.84 ms, forward+
-# backward 3.0 vs 9.3 ms) and its tests pass there in fp32/bf16/fp16, but the Mamba-2 training
-# runs made with it as the default hit "an illegal memory access" in some runs (N=64, D=128 and
-# D=32/64 at lr 4e-3; not reproducible under the interpreter), and the culprit is not yet
-# pinned to this kernel. SSDBENCH_CONV_IMPL=triton selects it for a whole run.
-AUTO_IMPL = os.environ.get("SSDBENCH_CONV_IMPL", "torch")
+# Default for impl="auto" on CUDA: this Triton kernel. It is faster on an H100
+# (results/h100/conv_bench.md, bf16, D=4096, L=2K: forward 0.50 vs 3.84 ms for F.conv1d,
+# forward+backward 3.0 vs 9.3 ms) and its tests pass there in fp32/bf16/fp16. It was held back
+# in session 2 while an illegal memory access in Mamba-2 training was unexplained; that fault
+# was the SSD kernels' (kernels/ssd_triton.py `_tiles`), and 16 runs on the H100 in session 3
+# (Mamba-1, Mamba-2 and Based MQAR, Mamba-1 LTI selective copying: scripts/jobs_fig8_t256_2k.txt)
+# trained on this kernel without a fault. SSDBENCH_CONV_IMPL=torch selects PyTorch's conv1d for a whole run.
+AUTO_IMPL = os.environ.get("SSDBENCH_CONV_IMPL", "triton")
 
 _BWD_BLOCK_L = 64  # time tile of the backward
 _BWD_TILES = 8  # tiles per backward program: dweight partials are (L / 512) x D x W, not (L / 64)
