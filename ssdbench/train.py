@@ -503,6 +503,11 @@ def _end_process_group() -> None:
 
 def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -> dict:
     datamodule, model = _build(cfg, world)
+    if cfg.get("compile", False):
+        # torch.compile in place (nn.Module.compile): the state dict, and so checkpoints and
+        # resumes, stay those of the plain model. The project's kernels are autograd Functions
+        # that compile treats as opaque; it fuses the norms, gates, RoPE and MLP around them.
+        model.compile()
     if world > 1:
         _shard_batches(datamodule, trainer)
     datamodule.setup("fit")

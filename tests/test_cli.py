@@ -112,6 +112,21 @@ def test_mixed_precision_with_clipping(tmp_path):
              "trainer.max_steps=5", cwd=tmp_path, check=0)
 
 
+def test_compile_trains_and_names_the_same_run(tmp_path):
+    """compile=true runs the model through torch.compile (in place: the checkpoint keeps the
+    plain keys) and, being how a run is carried out, not what it computes, shares the run
+    directory of the plain run."""
+    ssdbench("run", *TINY, f"results_dir={tmp_path}", "study=c", "compile=true", "trainer.max_steps=3",
+             "trainer.val_check_interval=3", cwd=tmp_path, check=0)
+    (path,) = tmp_path.rglob("record.json")
+    r = json.loads(path.read_text())
+    assert r["status"] == "ok" and r["config"]["compile"] is True
+    assert "compile" not in path.parent.name
+    import torch
+    state = torch.load(path.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert state and not any("_orig_mod" in k for k in state)
+
+
 def test_table_on_missing_dir(tmp_path):
     p = ssdbench("table", str(tmp_path / "nothing"), cwd=tmp_path)
     assert p.returncode == 2 and "not a directory" in p.stderr
