@@ -57,18 +57,25 @@ def test_step_equals_forward():
     torch.testing.assert_close(decode_logits(m, x), full)
 
 
+def mixer_steps(mixer, u):
+    """Run a mixer's recurrent step over u (batch, L, d_model) token by token: the outputs
+    stacked (batch, L, d_model) and the final (conv, ssm) state."""
+    state = mixer.allocate_state(u.shape[0], dtype=u.dtype)
+    ys = []
+    for t in range(u.shape[1]):
+        y, state = mixer.step(u[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
 def test_mixer_step_equals_forward_random_input():
     """The same at the mixer level, on random (not embedded) inputs."""
     mixer = tiny().double().layers[0].mixer
     u = torch.randn(3, 7, 32, dtype=torch.float64)
     with torch.no_grad():
         full = mixer(u)
-        state = mixer.allocate_state(3, dtype=torch.float64)
-        ys = []
-        for t in range(7):
-            y, state = mixer.step(u[:, t], state)
-            ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1), full)
+        stepped, state = mixer_steps(mixer, u)
+    torch.testing.assert_close(stepped, full)
     assert state[0].shape == (3, 64, 3) and state[1].shape == (3, 64, 8)
 
 
@@ -183,12 +190,8 @@ def test_lti_step_equals_forward():
     with torch.no_grad():
         full = mixer(u)
         torch.testing.assert_close(mixer(u, seq_idx=seq_idx), full)
-        state = mixer.allocate_state(3, dtype=torch.float64)
-        ys = []
-        for t in range(9):
-            y, state = mixer.step(u[:, t], state)
-            ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1), full)
+        stepped, state = mixer_steps(mixer, u)
+    torch.testing.assert_close(stepped, full)
     assert state[0].shape == (3, 64, m.layers[0].mixer.d_conv - 1) and state[1].shape == (3, 64, 8)
     x = torch.randint(0, V, (2, random.randint(5, 12)))
     with torch.no_grad():
