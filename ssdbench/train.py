@@ -185,13 +185,19 @@ class RecordCallback(Callback):
         # A diverged state is not worth resuming from. With several processes, saving here
         # would wait at a barrier for ranks that may never get there: those runs resume from
         # the last periodic checkpoint (checkpoint_every) instead.
-        if status != "diverged" and trainer.world_size == 1:
-            try:
-                trainer.save_checkpoint(self.ckpt_path)
-            except Exception as e:  # noqa: BLE001 - the record matters more than the checkpoint
-                print(f"warning: could not save {self.ckpt_path}: {e}", file=sys.stderr)
+        if status != "diverged":
+            self.save_checkpoint(trainer)
         self.error = f"{type(exception).__name__}: {exception}"
         self.write(trainer, pl_module, status)
+
+    def save_checkpoint(self, trainer) -> None:
+        """last.ckpt for a rerun to resume from; one process only (see on_exception)."""
+        if trainer.world_size != 1:
+            return
+        try:
+            trainer.save_checkpoint(self.ckpt_path)
+        except Exception as e:  # noqa: BLE001 - the record matters more than the checkpoint
+            print(f"warning: could not save {self.ckpt_path}: {e}", file=sys.stderr)
 
     def write(self, trainer, pl_module, status: str, metrics: dict | None = None) -> Path:
         self.status = status
@@ -534,6 +540,7 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
         resumed_from=resume,
         previous_status=(previous or {}).get("status"),
     )
+    metrics: dict = {}
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
         if trainer.interrupted:  # stopped by a callback or signal without an exception reaching us
@@ -545,7 +552,6 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
             for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
                 stale.unlink(missing_ok=True)
         trainer.strategy.barrier("ssdbench-hpc-cleanup")
-        metrics = {}
         with _sigterm_raises():  # Lightning turns SIGTERM into an exception only inside fit
             final = trainer.validate(lit, datamodule=datamodule, verbose=False)[0]
             metrics = {k: float(v) for k, v in final.items()}
@@ -565,11 +571,7 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
         if record_cb.status == "running":
             record_cb.error = f"{type(e).__name__}: {e}"
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                if trainer.world_size == 1:
-                    try:
-                        trainer.save_checkpoint(record_cb.ckpt_path)
-                    except Exception as ce:  # noqa: BLE001 - the record matters more
-                        print(f"warning: could not save {record_cb.ckpt_path}: {ce}", file=sys.stderr)
+                record_cb.save_checkpoint(trainer)
                 record_cb.write(trainer, lit, "interrupted", metrics or None)
             else:
                 record_cb.write(trainer, lit, "failed")
