@@ -271,6 +271,8 @@ def _build(cfg: DictConfig, world_size: int = 1):
     eight: with several processes each trains on its share (see _shard_batches)."""
     _check_fields(cfg.model, "model")
     _check_fields(cfg.task, "task")
+    if not isinstance(cfg.get("compile", False), bool):
+        raise ConfigError("compile", f"must be true or false, got {cfg.compile!r}")
     batch = cfg.task.get("batch_size")
     if world_size > 1 and batch is not None and batch % world_size:
         raise ConfigError("task.batch_size", f"the global batch {batch} is not divisible by the "

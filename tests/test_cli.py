@@ -83,6 +83,8 @@ def test_single_run_then_sweep_then_table(tmp_path):
     (["heads=gva", "model.ngroups=3"], "model.ngroups"),
     (["model=mamba2", "model.headdim=24"], "model.headdim"),
     (["model=mamba1", "heads=mqa"], "model.head_structure"),
+    (["compile=maybe"], "compile"),
+    (["model=mamba1", "model.selective=maybe"], "model.selective"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     base = TINY if not any(a.startswith("model=") for a in args) else TINY[:-1]
