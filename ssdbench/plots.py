@@ -93,7 +93,8 @@ def best_over(df: pd.DataFrame, field: str = "config.optim.lr", metric: str = "v
         return df
     keys = [c for c in df.columns if c.startswith("config.") and c != field
             and not c.startswith(("config.hydra", "config.results_dir", "config.progress_bar"))]
-    keyed = df[keys].map(str).agg("|".join, axis=1)  # map(str): missing values become "nan" (pandas 3 keeps them NaN under astype(str))
+    # map(str): a missing value becomes "nan" (pandas 3 keeps NaN under astype(str))
+    keyed = df[keys].map(str).agg("|".join, axis=1)
     best = pd.to_numeric(df[col], errors="coerce").groupby(keyed).idxmax().dropna().astype(int)
     return df.loc[sorted(best.values)].reset_index(drop=True)
 
