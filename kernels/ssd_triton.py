@@ -729,10 +729,11 @@ def _tiles(P: int, N: int, Q: int):
 
     BP is at least 64, also for P = 16 or 32 (masked columns). With BP < 64 and BN = 64 the
     Triton 3.6 build of these kernels faulted on the H100 ("an illegal memory access";
-    compute-sanitizer: out-of-range shared address inside a dot): the (BN, BP) state operand,
-    read K-major into a 128-byte-swizzled shared buffer, is fetched by the wgmma past the end
-    of the kernel's shared allocation, which faults only when the block's shared window sits at
-    the top of the SM, i.e. at large grids. A stress run (scripts/ssd_fault_probe.py, batch 64 x
+    compute-sanitizer: out-of-range shared address inside a dot). Our reading of the compiled
+    IR (not a confirmed Triton diagnosis): the (BN, BP) state operand, K-major in a
+    128-byte-swizzled buffer at the end of the shared allocation, is read past that end, which
+    faults only when the block's shared window sits at the top of the SM, i.e. at large grids.
+    A stress run (scripts/ssd_fault_probe.py, batch 64 x
     256 tokens, 300 passes) failed at every P < 64 with N = 64 and passed at P >= 64 for
     every N (notes/ssd.md). The masked columns cost time only for P < 64."""
     T = min(Q, 64)
