@@ -13,7 +13,8 @@ forward
 backward (dy = dL/dy before the gate)
   _ssd_gate_bwd    dy = dout silu(z), dz = dout y silu'(z).
   _ssd_state_bwd   reverse walk: dS <- exp(sum dA) dS + (exp(cs) dy)^T C, written at chunk ends.
-  _ssd_chunk_bwd_dc  dC (summed over the heads of a C group) and per head <C_t, dC_t>.
+  _ssd_chunk_bwd_dc  dC (summed over the heads of a C group) and per head dy_t . y_inter_t and
+                     the row and column sums of the fp32 G tiles (below).
   _ssd_chunk_bwd_dx  dx (summed over the heads of an x group), d(dt x) . x, dD partials,
                      and the pieces of the log-decay gradient.
   _ssd_chunk_bwd_db  dB (summed over the heads of a B group).
@@ -61,6 +62,24 @@ def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def _tile_ids(NTB: tl.constexpr, NK, nc):
+    """Program -> (tile in chunk, k, chunk, batch) over a 1-D grid of batch * nc * NK * NTB.
+
+    The NTB tiles of a chunk and then the NK programs beside them (heads, or head splits of a
+    group) are neighbours in launch order, so the tiles they share (C, B, the fp32 C B^T
+    block, the x or dy tiles of one head) are read from L2 by programs running at the same
+    time. With heads on a separate grid axis the 32 heads of a chunk ran ~1000 programs apart
+    and every one re-read those tiles from DRAM (ncu, H100: the forward chunk kernel moved
+    2.6 GB for 0.6 GB of inputs and outputs, at 82 % of DRAM bandwidth)."""
+    pid = tl.program_id(0)
+    tb = pid % NTB
+    k = (pid // NTB) % NK
+    c = (pid // NTB // NK) % nc
+    b = (pid // NTB // NK // nc).to(tl.int64)
+    return tb, k, c, b
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,12 +269,8 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
                    STORE_YPRE: tl.constexpr, USE_CB: tl.constexpr,
                    DT: tl.constexpr, PREC: tl.constexpr):
     NTB: tl.constexpr = Q // T
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    tb = pid % NTB
-    c = (pid // NTB) % tl.cdiv(L, Q)
-    b = (pid // NTB // tl.cdiv(L, Q)).to(tl.int64)
     nc = tl.cdiv(L, Q)
+    tb, h, c, b = _tile_ids(NTB, H, nc)
     t = c * Q + tb * T + tl.arange(0, T)  # (T,)
     tm = t < L
     p = tl.arange(0, BP)
@@ -278,6 +293,8 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
     S_T = tl.load(st_ptr + ((b * nc + c) * H + h) * P * N + p[None, :] * N + n[:, None],
                   mask=pm[None, :] & nm[:, None], other=0.0)  # (BN, BP) = S_prev^T
     acc = _dot(Ct, S_T, DT, PREC) * inter[:, None]  # (T, BP)
+    if HAS_D:
+        Dv = tl.load(D_ptr + h * sD_h + p * sD_p, mask=pm, other=0.0).to(tl.float32)  # (BP,)
     # (1) diagonal blocks: (C B^T o L)(dt x) over the s-tiles up to this one
     for sb in range(0, tb + 1):
         s = c * Q + sb * T + tl.arange(0, T)  # (T,)
@@ -298,11 +315,11 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
         Lm = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]  # (T, T)
         xs = tl.load(x_base + s[:, None] * sx_l + p[None, :] * sx_p, mask=sm[:, None] & pm[None, :], other=0.0)  # (T, BP)
         acc += _dot(CB * Lm, xs, DT, PREC)
+        if HAS_D:
+            if sb == tb:  # the last s-tile is this tile's own x: the skip term D x from it
+                # (a separate reload of x cost 0.11 ms of 0.79 at the reference shape)
+                acc += xs.to(tl.float32) * Dv[None, :]
     tp_mask = tm[:, None] & pm[None, :]
-    if HAS_D:
-        xt = tl.load(x_base + t[:, None] * sx_l + p[None, :] * sx_p, mask=tp_mask, other=0.0).to(tl.float32)
-        Dv = tl.load(D_ptr + h * sD_h + p * sD_p, mask=pm, other=0.0).to(tl.float32)  # (BP,)
-        acc += xt * Dv[None, :]
     o_off = b * so_b + h * so_h + t[:, None] * so_l + p[None, :] * so_p  # (T, BP)
     if STORE_YPRE:
         tl.store(ypre_ptr + o_off, acc.to(ypre_ptr.dtype.element_ty), mask=tp_mask)
@@ -351,13 +368,10 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
     column sums then cancel exactly in revcumsum(row - col) (computed from two different
     bf16 products they did not: 10-100% error in dA was seen on the GPU)."""
     NTB: tl.constexpr = Q // T
-    pid = tl.program_id(0)
-    g = tl.program_id(1) // HS
-    hs = tl.program_id(1) % HS
     nc = tl.cdiv(L, Q)
-    tb = pid % NTB
-    c = (pid // NTB) % nc
-    b = (pid // NTB // nc).to(tl.int64)
+    tb, k, c, b = _tile_ids(NTB, (H // HPC) * HS, nc)
+    g = k // HS
+    hs = k % HS
     t = c * Q + tb * T + tl.arange(0, T)
     tm = t < L
     r = tl.arange(0, T)
@@ -365,12 +379,11 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
     n = tl.arange(0, BN)
     pm = p < P
     nm = n < N
-    Ct = tl.load(C_ptr + b * sC_b + g * sC_g + t[:, None] * sC_l + n[None, :] * sC_n,
-                 mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
-    Ctf = Ct.to(tl.float32)
     if HAS_SEQ:
         sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
         seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
+    # one (T, BN) fp32 accumulator for all heads: a second one per head made this kernel
+    # spill (255 registers, 30M local-memory requests at the reference shape, ncu)
     acc = tl.zeros((T, BN), dtype=tl.float32)
     for hh in range(0, HPC // HS):
         h = g * HPC + hs * (HPC // HS) + hh
@@ -387,8 +400,12 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
             inter = tl.where(sq_t == seq_prev, inter, 0.0)
         S = tl.load(st_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                     mask=pm[:, None] & nm[None, :], other=0.0)  # (BP, BN) S_prev
-        dCh = _dot(dyt, S, DT, PREC) * inter[:, None]  # (T, BN)
-        a_t = tl.sum(Ctf * dCh, axis=1)  # (T,) dy_t . y_inter_t
+        dC_in = _dot(dyt, S, DT, PREC) * inter[:, None]  # (T, BN) through the carried state
+        # C_t is loaded per head (an L2 hit) rather than held in registers across the loop
+        Ct = tl.load(C_ptr + b * sC_b + g * sC_g + t[:, None] * sC_l + n[None, :] * sC_n,
+                     mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+        a_t = tl.sum(Ct.to(tl.float32) * dC_in, axis=1)  # (T,) dy_t . y_inter_t
+        acc += dC_in
         rowg = tl.zeros((T,), dtype=tl.float32)  # rowsum of G over the s-tiles done
         for sb in range(0, tb + 1):
             s = c * Q + sb * T + tl.arange(0, T)
@@ -404,7 +421,7 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
             Lm = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
             W = dyx * Lm  # (T, T)
             Bs = tl.load(B_base + s[:, None] * sB_l + n[None, :] * sB_n, mask=sm[:, None] & nm[None, :], other=0.0)  # (T, BN)
-            dCh += _dot(W, Bs, DT, PREC)
+            acc += _dot(W, Bs, DT, PREC)
             if USE_CB:
                 CB = tl.load(cb_base + (tb * T + r[:, None]) * Q + sb * T + r[None, :])  # (T, T)
             else:
@@ -414,12 +431,38 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
             tl.store(dda_ptr + ((b * H + h) * NTB + tb) * L + s, tl.sum(G, axis=0), mask=sm)
             rowg += tl.sum(G, axis=1)
         tl.store(row_ptr + (b * H + h) * L + t, a_t + rowg, mask=tm)
-        acc += dCh
     o = dC_ptr + (b * L + t[:, None]) * ((H // HPC) * N) + g * N + n[None, :]
     if ATOMIC:
-        tl.atomic_add(o, acc, mask=tm[:, None] & nm[None, :])
+        tl.atomic_add(o, acc, mask=tm[:, None] & nm[None, :], sem="relaxed")
     else:
         tl.store(o, acc.to(dC_ptr.dtype.element_ty), mask=tm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _dx_pair(dy_ptr, cb_ptr, C_base, cs_base, seq_ptr, Bs, s, cs_s, sq_s, p, pm, n, nm,
+             b, c, h, sb, tb, L, H, GH, nc, sy_b, sy_l, sy_h, sy_p, sC_l, sC_n, ss_b, ss_l,
+             Q: tl.constexpr, T: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
+             DT: tl.constexpr, PREC: tl.constexpr):
+    """One (s-tile, t-tile) pair of _ssd_chunk_bwd_dx: (B_s.C_t M_ts) dy_t summed over the
+    t of the tile, (T_s, BP) fp32, and the dy tile itself (T_t, BP)."""
+    t = c * Q + tb * T + tl.arange(0, T)
+    tm = t < L
+    cs_t = tl.load(cs_base + t, mask=tm, other=0.0)
+    if USE_CB:
+        r = tl.arange(0, T)
+        BC = tl.load(cb_ptr + ((b * nc + c) * (H // GH) + h // GH) * Q * Q
+                     + (tb * T + r[None, :]) * Q + sb * T + r[:, None])  # (T_s, T_t) = CB^T
+    else:
+        C_T = tl.load(C_base + t[None, :] * sC_l + n[:, None] * sC_n, mask=tm[None, :] & nm[:, None], other=0.0)  # (BN, T)
+        BC = _dot(Bs, C_T, DT, PREC)  # (T_s, T_t)
+    keep = (t[None, :] >= s[:, None]) & tm[None, :]
+    if HAS_SEQ:
+        sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
+        keep = keep & (sq_t[None, :] == sq_s[:, None])
+    Mt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+    dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
+                  mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
+    return _dot(BC * Mt, dyt, DT, PREC), dyt
 
 
 @triton.jit
@@ -435,13 +478,10 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
     = sum_{t>=s} M_ts (C_t.B_s) dy_t + exp(cs_last - cs_s) dS_end B_s, then dx, the dt terms,
     dD partials and the pieces of the log-decay gradient."""
     NTB: tl.constexpr = Q // T
-    pid = tl.program_id(0)
-    gx = tl.program_id(1) // HS
-    hs = tl.program_id(1) % HS
     nc = tl.cdiv(L, Q)
-    sb = pid % NTB
-    c = (pid // NTB) % nc
-    b = (pid // NTB // nc).to(tl.int64)
+    sb, k, c, b = _tile_ids(NTB, (H // HPX) * HS, nc)
+    gx = k // HS
+    hs = k % HS
     s = c * Q + sb * T + tl.arange(0, T)  # (T,)
     sm = s < L
     p = tl.arange(0, BP)
@@ -453,6 +493,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
                  mask=sp_mask, other=0.0)  # (T, BP)
     xf = xs.to(tl.float32)
     c_last = tl.minimum(c * Q + Q, L) - 1
+    sq_s = s  # (T,) placeholder for _dx_pair when there is no seq_idx
     if HAS_SEQ:
         sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
         seq_last = tl.load(seq_ptr + b * ss_b + c_last * ss_l)
@@ -474,37 +515,28 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
         st_off = ((b * nc + c) * H + h) * P * N
         dS_T = tl.load(dst_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)  # (BN, BP)
         dstate = _dot(Bs, dS_T, DT, PREC) * wst[:, None]  # (T, BP)
-        dintra = tl.zeros((T, BP), dtype=tl.float32)
-        for tb in range(sb, NTB):
-            t = c * Q + tb * T + tl.arange(0, T)
-            tm = t < L
-            cs_t = tl.load(cs_base + t, mask=tm, other=0.0)
-            if USE_CB:
-                r = tl.arange(0, T)
-                BC = tl.load(cb_ptr + ((b * nc + c) * (H // GH) + h // GH) * Q * Q
-                             + (tb * T + r[None, :]) * Q + sb * T + r[:, None])  # (T_s, T_t) = CB^T
-            else:
-                C_T = tl.load(C_base + t[None, :] * sC_l + n[:, None] * sC_n, mask=tm[None, :] & nm[:, None], other=0.0)  # (BN, T)
-                BC = _dot(Bs, C_T, DT, PREC)  # (T_s, T_t)
-            keep = (t[None, :] >= s[:, None]) & tm[None, :]
-            if HAS_SEQ:
-                sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
-                keep = keep & (sq_t[None, :] == sq_s[:, None])
-            Mt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
-            dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
-                          mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
-            dintra += _dot(BC * Mt, dyt, DT, PREC)
+        # the diagonal pair first: its dy tile is the s-tile's own, which the D terms need
+        # (reloading it after the loop cost 0.17 ms of 1.32 at the reference shape)
+        dintra, dyt = _dx_pair(dy_ptr, cb_ptr, C_base, cs_base, seq_ptr, Bs, s, cs_s, sq_s,
+                               p, pm, n, nm, b, c, h, sb, sb, L, H, GH, nc,
+                               sy_b, sy_l, sy_h, sy_p, sC_l, sC_n, ss_b, ss_l,
+                               Q, T, HAS_SEQ, USE_CB, DT, PREC)  # (T, BP)
+        if HAS_D:
+            dys = dyt.to(tl.float32)  # (T, BP)
+            Dv = tl.load(D_ptr + h * sD_h + p * sD_p, mask=pm, other=0.0).to(tl.float32)  # (BP,)
+            acc += dys * Dv[None, :]
+            tl.store(dD_ptr + ((b * nc * NTB + c * NTB + sb) * H + h) * P + p, tl.sum(dys * xf, axis=0), mask=pm)
+        for tb in range(sb + 1, NTB):
+            d, _ = _dx_pair(dy_ptr, cb_ptr, C_base, cs_base, seq_ptr, Bs, s, cs_s, sq_s,
+                            p, pm, n, nm, b, c, h, sb, tb, L, H, GH, nc,
+                            sy_b, sy_l, sy_h, sy_p, sC_l, sC_n, ss_b, ss_l,
+                            Q, T, HAS_SEQ, USE_CB, DT, PREC)
+            dintra += d
         u = dt_s * tl.sum(xf * dstate, axis=1)  # (T,)
         hL = (b * H + h) * L
         tl.store(u_ptr + hL + s, u, mask=sm)
         tl.store(ddtd_ptr + hL + s, tl.sum(xf * (dintra + dstate), axis=1), mask=sm)
         acc += dt_s[:, None] * (dintra + dstate)
-        if HAS_D:
-            dys = tl.load(dy_ptr + b * sy_b + h * sy_h + s[:, None] * sy_l + p[None, :] * sy_p,
-                          mask=sp_mask, other=0.0).to(tl.float32)  # (T, BP)
-            Dv = tl.load(D_ptr + h * sD_h + p * sD_p, mask=pm, other=0.0).to(tl.float32)
-            acc += dys * Dv[None, :]
-            tl.store(dD_ptr + ((b * nc * NTB + c * NTB + sb) * H + h) * P + p, tl.sum(dys * xf, axis=0), mask=pm)
         if sb == 0:
             # exp(cs_last) <dS_end, S_prev>: the state carried through the whole chunk
             S_T = tl.load(st_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)
@@ -514,7 +546,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
             tl.store(scal_ptr + (b * H + h) * nc + c, sc)
     o = dx_ptr + (b * L + s[:, None]) * ((H // HPX) * P) + gx * P + p[None, :]
     if ATOMIC:
-        tl.atomic_add(o, acc, mask=sp_mask)
+        tl.atomic_add(o, acc, mask=sp_mask, sem="relaxed")
     else:
         tl.store(o, acc.to(dx_ptr.dtype.element_ty), mask=sp_mask)
 
@@ -529,13 +561,10 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
                       DT: tl.constexpr, PREC: tl.constexpr):
     """dB_s = sum_h dt_s [sum_{t>=s} M_ts (dy_t.x_s) C_t + exp(cs_last - cs_s) dS_end^T x_s]."""
     NTB: tl.constexpr = Q // T
-    pid = tl.program_id(0)
-    gb = tl.program_id(1) // HS
-    hs = tl.program_id(1) % HS
     nc = tl.cdiv(L, Q)
-    sb = pid % NTB
-    c = (pid // NTB) % nc
-    b = (pid // NTB // nc).to(tl.int64)
+    sb, k, c, b = _tile_ids(NTB, (H // HPB) * HS, nc)
+    gb = k // HS
+    hs = k % HS
     s = c * Q + sb * T + tl.arange(0, T)
     sm = s < L
     p = tl.arange(0, BP)
@@ -562,7 +591,9 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
         wst = tl.exp(tl.where(keep_u, cs_last - cs_s, float("-inf")))
         dS = tl.load(dst_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                      mask=pm[:, None] & nm[None, :], other=0.0)  # (BP, BN)
-        dBh = _dot(xs, dS, DT, PREC) * wst[:, None]  # (T, BN)
+        # dt_s (and the decay to the chunk end) scale the rows of x and of x.dy before the
+        # products, so every head adds into the one accumulator (a per-head one spilled)
+        acc += _dot(xs * (dt_s * wst)[:, None], dS, DT, PREC)  # (T, BN)
         for tb in range(sb, NTB):
             t = c * Q + tb * T + tl.arange(0, T)
             tm = t < L
@@ -576,11 +607,10 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
                 keep = keep & (sq_t[None, :] == sq_s[:, None])
             Mt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
             Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
-            dBh += _dot(xdy * Mt, Ct, DT, PREC)
-        acc += dt_s[:, None] * dBh
+            acc += _dot(xdy * (Mt * dt_s[:, None]), Ct, DT, PREC)
     o = dB_ptr + (b * L + s[:, None]) * ((H // HPB) * N) + gb * N + n[None, :]
     if ATOMIC:
-        tl.atomic_add(o, acc, mask=sm[:, None] & nm[None, :])
+        tl.atomic_add(o, acc, mask=sm[:, None] & nm[None, :], sem="relaxed")
     else:
         tl.store(o, acc.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
 
@@ -648,18 +678,28 @@ _alloc = torch.empty
 _BIG = 3.0e38  # stands for +inf in dt_limit (a finite float keeps the kernel argument simple)
 
 
-def _tuned(kernel, configs, key, reset_to_zero=None):
+def _prune_T(configs, named_args, **kwargs):
+    """Configs whose time tile T fits in the chunk (T must divide Q; both are powers of 2)."""
+    Q = kwargs.get("Q", named_args.get("Q", 64))
+    ok = [c for c in configs if c.kwargs.get("T", 0) <= Q]
+    return ok or [triton.Config(dict(configs[0].kwargs, T=Q), num_warps=4, num_stages=1)]
+
+
+def _tuned(kernel, configs, key, reset_to_zero=None, tile_T=False):
     """Autotune on a GPU (small config list keyed on the shapes); under the interpreter the
-    first config is used as a fixed one (autotune needs a GPU)."""
+    first config is used as a fixed one (autotune needs a GPU). tile_T: the configs carry the
+    time tile T, pruned to T <= Q (the launcher clamps a fixed T the same way)."""
     if INTERPRET or os.environ.get("SSD_NO_AUTOTUNE") == "1":
         cfg = configs[0]
         fixed = dict(cfg.kwargs)
         if not INTERPRET:
             fixed.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return kernel, fixed
+    prune = {"early_config_prune": _prune_T} if tile_T else None
     # reset_to_zero: outputs that are accumulated atomically must start from zero in every
     # timing run of the autotuner, or the first (tuning) call returns a multiple of the sum
-    return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(kernel), {}
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero,
+                           prune_configs_by=prune)(kernel), {}
 
 
 def _fixed(cfg: dict, BN: int) -> dict:
@@ -671,30 +711,31 @@ def _fixed(cfg: dict, BN: int) -> dict:
     return cfg
 
 
+def _clamp_T(kw: dict, Q: int) -> dict:
+    """A fixed config's time tile, cut to the chunk (the autotuned path prunes instead)."""
+    if "T" in kw:
+        kw = dict(kw, T=min(kw["T"], Q))
+    return kw
+
+
 def _cfg(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-_STATE_CONFIGS = [_cfg(4, 2, BP=64, BN=64), _cfg(8, 2, BP=64, BN=64), _cfg(4, 3, BP=64, BN=64),
-                  _cfg(4, 2, BP=64, BN=32), _cfg(4, 3, BP=32, BN=64), _cfg(8, 3, BP=64, BN=128),
-                  _cfg(4, 2, BP=32, BN=32)]
+# T, the time tile of the state walks: longer tiles give fewer dependent steps per row
+_STATE_CONFIGS = [_cfg(4, 2, BP=64, BN=64, T=64), _cfg(8, 2, BP=64, BN=64, T=64),
+                  _cfg(4, 3, BP=64, BN=64, T=64), _cfg(4, 2, BP=64, BN=32, T=64),
+                  _cfg(4, 3, BP=32, BN=64, T=64), _cfg(8, 3, BP=64, BN=128, T=64),
+                  _cfg(4, 2, BP=64, BN=64, T=128), _cfg(8, 3, BP=64, BN=64, T=128),
+                  _cfg(4, 2, BP=64, BN=32, T=128), _cfg(8, 2, BP=64, BN=64, T=256)]
 _CHUNK_CONFIGS = [_cfg(4, 2), _cfg(8, 2), _cfg(4, 3), _cfg(8, 3), _cfg(4, 1)]
-_state_fwd, _STATE_FWD_FIXED = _tuned(_ssd_state_fwd, _STATE_CONFIGS, ["L", "H", "P", "N"])
-_state_bwd, _STATE_BWD_FIXED = _tuned(_ssd_state_bwd, _STATE_CONFIGS, ["L", "H", "P", "N"])
-def _prune_T(configs, named_args, **kwargs):
-    Q = kwargs.get("Q", named_args.get("Q", 64))
-    ok = [c for c in configs if c.kwargs.get("T", 0) <= Q]
-    return ok or [triton.Config(dict(T=Q), num_warps=4, num_stages=1)]
-
-
+_STATE_KEY = ["L", "H", "P", "N", "Q"]
+_state_fwd, _STATE_FWD_FIXED = _tuned(_ssd_state_fwd, _STATE_CONFIGS, _STATE_KEY, tile_T=True)
+_state_bwd, _STATE_BWD_FIXED = _tuned(_ssd_state_bwd, _STATE_CONFIGS, _STATE_KEY, tile_T=True)
 _CHUNK_FWD_CONFIGS = [_cfg(4, 2, T=64), _cfg(8, 2, T=64), _cfg(4, 3, T=64), _cfg(8, 2, T=128),
                       _cfg(8, 1, T=128), _cfg(8, 3, T=128), _cfg(4, 2, T=128)]
-if INTERPRET or os.environ.get("SSD_NO_AUTOTUNE") == "1":
-    _chunk_fwd, _CHUNK_FWD_FIXED = _tuned(_ssd_chunk_fwd, _CHUNK_FWD_CONFIGS, None)
-else:
-    _chunk_fwd = triton.autotune(configs=_CHUNK_FWD_CONFIGS, key=["L", "H", "P", "N", "Q"],
-                                 prune_configs_by={"early_config_prune": _prune_T})(_ssd_chunk_fwd)
-    _CHUNK_FWD_FIXED = {}
+_chunk_fwd, _CHUNK_FWD_FIXED = _tuned(_ssd_chunk_fwd, _CHUNK_FWD_CONFIGS, ["L", "H", "P", "N", "Q"],
+                                      tile_T=True)
 _chunk_dc, _CHUNK_DC_FIXED = _tuned(_ssd_chunk_bwd_dc, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPC", "HS"], ["dC_ptr"])
 _chunk_dx, _CHUNK_DX_FIXED = _tuned(_ssd_chunk_bwd_dx, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPX", "HS"], ["dx_ptr"])
 _chunk_db, _CHUNK_DB_FIXED = _tuned(_ssd_chunk_bwd_db, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPB", "HS"], ["dB_ptr"])
@@ -809,8 +850,8 @@ def ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial
     kern[grid](
         x, B, dtp, A, seq, init, states, final, L, H, P, N, H // Hx, H // Gb,
         *x.stride(), *B.stride(), ss_b, ss_l, *si,
-        Q=Q, T=T, HAS_SEQ=seq_idx is not None,
-        HAS_INIT=initial_states is not None, DT=DT, PREC=PREC, **kw)
+        Q=Q, HAS_SEQ=seq_idx is not None,
+        HAS_INIT=initial_states is not None, DT=DT, PREC=PREC, **_clamp_T(kw, Q))
 
     # C B^T per chunk for the heads that share it
     GH, cb = _cb(B, C, H, L, N, Q, T, BN, nc, DT, PREC)
@@ -821,10 +862,8 @@ def ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial
     zz = z if z is not None else x
     sD = _D_strides(D)
     kern, fixed = _select(_chunk_fwd, _ssd_chunk_fwd, _CHUNK_FWD_FIXED, _CHUNK_FWD_CONFIGS, x)
-    fixed = _fixed(fixed, BN)
-    if "T" in fixed:
-        fixed["T"] = min(fixed["T"], Q)
-    grid = lambda META: (batch * nc * (Q // META["T"]), H)
+    fixed = _clamp_T(_fixed(fixed, BN), Q)
+    grid = lambda META: (batch * nc * (Q // META["T"]) * H,)
     kern[grid](
         x, B, C, zz, D if D is not None else x, dtp, cs, seq, states, cb, out, ypre,
         L, H, P, N, H // Hx, H // Gb, H // Gc, GH,
@@ -886,8 +925,8 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     kern[grid](
         dy, C, dtp, A, seq, dfinal if dfinal is not None else dinit, dst, dinit,
         L, H, P, N, H // Gc, *dy.stride(), *C.stride(), ss_b, ss_l,
-        Q=Q, T=T, HAS_SEQ=seq_idx is not None, HAS_DFIN=dfinal is not None,
-        DT=DT, PREC=PREC, **kw)
+        Q=Q, HAS_SEQ=seq_idx is not None, HAS_DFIN=dfinal is not None,
+        DT=DT, PREC=PREC, **_clamp_T(kw, Q))
 
     GH = math.gcd(H // Gb, H // Gc)
     common = (L, H, P, N, H // Hx, H // Gb, H // Gc, GH)
@@ -898,12 +937,11 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     row = _alloc((batch, H, L), **f32)  # (batch, H, L)
     dda = _alloc((batch, H, NTB, L), **f32)  # (batch, H, t-tile, L); read only where filled
     kern, kw = _select(_chunk_dc, _ssd_chunk_bwd_dc, _CHUNK_DC_FIXED, _CHUNK_CONFIGS, x)
-    kern[(base, Gc * HSc)](
+    kern[(base * Gc * HSc,)](
         x, B, C, dy, dtp, cs, seq, states, cb, dC, row, dda, *common, HSc,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=GH > 1, ATOMIC=HSc > 1,
-        DT=DT, PREC=PREC,
-        **_fixed(kw, BN))
+        DT=DT, PREC=PREC, **_fixed(kw, BN))
 
     # dx, the dt terms, dD partials, pieces of the log-decay gradient
     HSx = _head_split(base * Hx, H // Hx)
@@ -914,7 +952,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     dDp = _alloc((batch, nc * NTB, H, P), **f32) if D is not None else scal  # (batch, tiles, H, P)
     sD = _D_strides(D)
     kern, kw = _select(_chunk_dx, _ssd_chunk_bwd_dx, _CHUNK_DX_FIXED, _CHUNK_CONFIGS, x)
-    kern[(base, Hx * HSx)](
+    kern[(base * Hx * HSx,)](
         x, B, C, dy, D if D is not None else x, A, dtp, cs, seq, states, dst, cb, dx, u, ddtd,
         scal, dDp, *common, HSx,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l, *sD,
@@ -925,7 +963,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     HSb = _head_split(base * Gb, H // Gb)
     dB = _out_buf((batch, L, Gb, N), B.dtype, dev, HSb)  # (batch, L, Gb, N)
     kern, kw = _select(_chunk_db, _ssd_chunk_bwd_db, _CHUNK_DB_FIXED, _CHUNK_CONFIGS, x)
-    kern[(base, Gb * HSb)](
+    kern[(base * Gb * HSb,)](
         x, C, dy, dtp, cs, seq, dst, dB, *common[:7], HSb,
         *x.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, ATOMIC=HSb > 1, DT=DT, PREC=PREC,
