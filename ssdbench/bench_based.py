@@ -14,7 +14,9 @@ Based forward FLOPs, per (batch, head) and chunk of Q tokens, D = 1 + F + F^2 fe
   + 2 Q D P + 2 Q D    phi(q) S and phi(q) z (the carried state read by the chunk's queries)
   + 2 Q D P + 2 Q D    state update phi(k)^T v and sum phi(k)
 forward+backward FLOPs = 3 x forward (the usual convention). The kernel computes each value
-block's normaliser again and does the full Q x Q tile, so it does somewhat more work than this.
+block's normaliser again and does the full Q x Q tile, so it does somewhat more work than this;
+with NS > 1 segments per row (column NS) it also runs a state-only forward pass and an
+adjoint-only backward pass and combines the segments' states in torch, none of it counted.
 Bytes: forward reads q, k, v and writes y and the fp32 normaliser; the backward reads q, k,
 v, dy, the normaliser and dy.y (fp32) and writes dq, dk (fp32 partials, one per value
 block, summed afterwards), dv.
@@ -120,14 +122,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = []
     for L in args.lens:
         batch, f, fb = bench_based_case(do_bench, L, tokens, H, F, P, dtype, normalize=not args.no_normalize)
-        Q, BV, _ = based_mod._blocks(F, P, batch * H, torch.device("cuda"))
+        # the launch plan the kernels used (same rule, same inputs): chunk, value block, segments
+        plan = based_mod._plan(F, P, batch * H, L, torch.device("cuda"))
+        Q, BV, NS = plan.BQ, plan.BV, plan.NS
         nv = -(-P // BV)
         fl = based_flops(batch, L, H, F, P, Q)
         by_f = based_bytes(batch, L, H, F, P, esize, False)
         by_b = based_bytes(batch, L, H, F, P, esize, True, nv)
         ntok = batch * L
         rows.append(dict(op="based", L=L, batch=batch, state=based_mod.based_state_size(F, P, H),
-                         chunk=Q, BV=BV, fwd_ms=f, fwdbwd_ms=fb,
+                         chunk=Q, BV=BV, NS=NS, fwd_ms=f, fwdbwd_ms=fb,
                          fwd_ns_per_tok=f * 1e6 / ntok, fwdbwd_ns_per_tok=fb * 1e6 / ntok,
                          fwd_TFLOPs=fl / f / 1e9, fwdbwd_TFLOPs=3 * fl / fb / 1e9,
                          fwd_GBs=by_f / f / 1e6, fwdbwd_GBs=by_b / fb / 1e6))
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 fl = nch * (Qs * Qs * N + H * Qs * Qs * P + 4 * H * Qs * P * N)
                 by_f = batch * L * ((2 * H * P + 2 * N) * esize + H * esize)
                 ntok = batch * L
-                rows.append(dict(op=f"ssd_N{N}", L=L, batch=batch, state=H * N * P, chunk=Qs, BV=P,
+                rows.append(dict(op=f"ssd_N{N}", L=L, batch=batch, state=H * N * P, chunk=Qs, BV=P, NS=1,
                                  fwd_ms=f, fwdbwd_ms=fb,
                                  fwd_ns_per_tok=f * 1e6 / ntok, fwdbwd_ns_per_tok=fb * 1e6 / ntok,
                                  fwd_TFLOPs=fl / f / 1e9, fwdbwd_TFLOPs=3 * fl / fb / 1e9,

@@ -5,6 +5,9 @@ time), itself checked against the quadratic form. Inputs are fresh random tensor
 the seed is printed in every failure message. Under the CPU interpreter the Triton kernels
 run with a small chunk (``_FORCE_BLOCKS``) so that short sequences span several chunks and
 several value blocks; on a GPU the same tests also run at realistic shapes in bf16/fp16/fp32.
+Rows split into segments (state-only and adjoint-only passes plus a combine in torch) are
+forced with ``_FORCE_SEGMENTS``; the default rule is checked as a pure function of the SM
+count here and end to end on a GPU.
 """
 import random
 
@@ -100,12 +103,16 @@ def _compare(q, k, v, state, seq_idx, normalize, final, dtype, seed, tol=None, f
         e = rel_err(o.detach(), r.detach())
         assert e < tol, f"seed={seed} {n}: rel err {e:.2e} >= {tol:.0e}"
     cot = [torch.randn_like(r) for r in ref_outs]
-    gref = torch.autograd.grad(_loss(ref_outs, cot), ref_leaves)
-    gout = torch.autograd.grad(_loss(outs, cot), leaves)
+    # allow_unused: without the normaliser and the final state, y does not depend on z0
+    gref = torch.autograd.grad(_loss(ref_outs, cot), ref_leaves, allow_unused=True)
+    gout = torch.autograd.grad(_loss(outs, cot), leaves, allow_unused=True)
     gnames = ["dq", "dk", "dv", "dS0", "dz0"]
     for n, g, r in zip(gnames, gout, gref):
         if n in ("dq", "dk", "dv"):
             assert g.dtype == dtype, (n, g.dtype)
+        if r is None:  # an input the oracle does not use gets a zero gradient
+            assert g is None or (g == 0).all(), f"seed={seed} {n}: nonzero gradient of an unused input"
+            continue
         e = rel_err(g, r)
         assert e < 2 * tol, f"seed={seed} {n}: rel err {e:.2e} >= {2 * tol:.0e}"
 
@@ -217,6 +224,141 @@ def test_kernel_gpu_realistic(dtype, normalize, monkeypatch):
     gout = torch.autograd.grad(_loss(outs, cot), leaves)
     for n, g, r in zip(["dq", "dk", "dv", "dS0", "dz0"], gout, gref):
         assert rel_err(g, r) < 2 * tol, f"seed={seed} {n}: {rel_err(g, r):.2e}"
+
+
+# ----------------------------------------------------------------------------------------
+# rows split into segments (state-only / adjoint-only passes and a combine in torch)
+# ----------------------------------------------------------------------------------------
+def _force_segments(monkeypatch, NS):
+    monkeypatch.setattr(mod, "_FORCE_SEGMENTS", NS)
+
+
+def _segment_plan(L, H, batch, F=16, P=24):
+    return mod._plan(F, P, batch * H, L, torch.device(DEVICE))
+
+
+@pytest.mark.parametrize("NS", [2, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("seq", [False, True])
+@pytest.mark.parametrize("init,final", [(False, False), (False, True), (True, True), (True, False)])
+def test_segments_options_fp32(NS, normalize, seq, init, final, monkeypatch):
+    """L = 75: not a multiple of the chunk (16 here, 32 on a GPU) nor of the segment; the last
+    segment is shorter (NS = 2: 48 + 27 tokens; NS = 3: 32 + 32 + 11 under the interpreter)."""
+    _force_segments(monkeypatch, NS)
+    seed = _seed()
+    L = 75
+    plan = _segment_plan(L, 2, 2)
+    assert plan.NS == NS and L % plan.SEG != 0 and L % plan.BQ != 0, plan
+    q, k, v, state, seq_idx = _inputs(2, L, 2, 16, 24, DEVICE, init=init, seq=seq)
+    _compare(q, k, v, state, seq_idx, normalize, final, torch.float32, seed)
+
+
+def _seq_from_cuts(rows, L, device):
+    """(len(rows), L) int32 document ids; rows[i] lists the tokens where a new document starts."""
+    out = torch.zeros(len(rows), L, dtype=torch.int32)
+    for i, cuts in enumerate(rows):
+        for c in cuts:
+            out[i, c:] += 1
+        out[i] += random.randint(0, 3)  # ids need not start at 0
+    return out.to(device)
+
+
+@pytest.mark.parametrize("NS", [2, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("init", [False, True])
+def test_segments_document_boundaries(NS, normalize, init, monkeypatch):
+    """Documents that start exactly at a segment's first token, one token after it, one token
+    before it, inside a segment, at a chunk boundary inside a segment, on the last token, and a
+    document that spans every segment (the entering state carried through several segments)."""
+    _force_segments(monkeypatch, NS)
+    seed = _seed()
+    L = 75
+    plan = _segment_plan(L, 1, 6)
+    assert plan.NS == NS, plan
+    G, Q = plan.SEG, plan.BQ
+    rows = [
+        [G] + ([2 * G] if NS > 2 else []),  # exactly on segment boundaries
+        [G + 1],  # one token after
+        [G - 1, G + 5],  # one token before, and inside the next segment
+        [3, Q, L - 1],  # inside segment 0, at a chunk boundary, the last token alone
+        [],  # one document across every segment
+        [1, G + 2, L - 2],  # several segments each with a boundary inside
+    ]
+    q, k, v, state, _ = _inputs(len(rows), L, 1, 16, 24, DEVICE, init=init)
+    seq_idx = _seq_from_cuts(rows, L, DEVICE)
+    _compare(q, k, v, state, seq_idx, normalize, True, torch.float32, seed)
+
+
+@pytest.mark.parametrize("F,P,L", [(8, 40, 70), (32, 16, 40)])
+def test_segments_shapes_fp32(F, P, L, monkeypatch):
+    """F below 16 and P not a power of two; F = 32 (1024 order-2 features) with 1-chunk segments."""
+    _force_segments(monkeypatch, 3)
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(2, L, 1, F, P, DEVICE, init=True, seq=True)
+    _compare(q, k, v, state, seq_idx, True, True, torch.float32, seed)
+
+
+def test_segments_half_inputs(monkeypatch):
+    _force_segments(monkeypatch, 2)
+    seed = _seed()
+    q, k, v, state, seq_idx = _inputs(2, 40, 2, 16, 16, DEVICE, init=True, seq=True)
+    _compare(q, k, v, state, seq_idx, True, True, torch.bfloat16, seed)
+
+
+def test_forced_segments_plan(monkeypatch):
+    """SEG = ceil(n_chunks / NS) chunks; the effective NS leaves no segment empty."""
+    monkeypatch.setattr(mod, "_FORCE_BLOCKS", (16, 16))
+    dev = torch.device("cpu")
+    for NS, L, want in [(2, 45, (2, 32)), (3, 45, (3, 16)), (5, 45, (3, 16)), (3, 64, (2, 32)),
+                        (4, 1, (1, 16)), (1, 1000, (1, 1008))]:
+        monkeypatch.setattr(mod, "_FORCE_SEGMENTS", NS)
+        p = mod._plan(16, 24, 4, L, dev)
+        assert (p.NS, p.SEG) == want, (NS, L, p)
+    monkeypatch.setattr(mod, "_FORCE_SEGMENTS", None)
+    assert mod._plan(16, 24, 4, 1000, dev).NS == 1  # no segments unless forced (or on a GPU)
+
+
+def test_segment_rule_h100():
+    """The CUDA rule at 132 SMs: the benchmark's 65,536-token batches (H 16, P 64) get 512
+    programs of BV = 64 from L = 2K up; short rows with few heads shrink BV as before."""
+    rule = mod._segments_rule
+    for L, NS in [(512, 1), (1024, 1), (2048, 1), (4096, 2), (8192, 4), (16384, 8), (65536, 32)]:
+        n_bh = max(1, 65536 // L) * 16
+        assert rule(n_bh, 64, L, 32, 64, 132, True) == (NS, 64), L
+    assert rule(2, 64, 4096, 32, 64, 132, True) == (16, 16)  # the GPU test below
+    assert rule(2, 64, 256, 32, 64, 132, True) == (1, 16)  # 8 chunks: one segment
+    assert rule(1, 64, 1 << 20, 32, 64, 132, True) == (64, 16)  # at most 64 segments, then BV
+    assert rule(1, 16, 4096, 16, 16, 132, False) == (32, 16)  # F = 32: chunk 16, BV 16
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the default segment rule needs a GPU")
+@pytest.mark.parametrize("normalize", [True, False])
+def test_segments_gpu_default_rule(normalize, monkeypatch):
+    """L = 4096, batch 1, H = 2: the default rule splits rows (NS > 1); bf16 against the
+    float64 quadratic form, with an initial state, packed documents and the final state."""
+    monkeypatch.setattr(mod, "_FORCE_BLOCKS", None)
+    monkeypatch.setattr(mod, "_FORCE_SEGMENTS", None)
+    seed = _seed()
+    dtype = torch.bfloat16
+    L, H = 4096, 2
+    plan = mod._plan(16, 64, H, L, torch.device(DEVICE))
+    assert plan.NS > 1, plan
+    G = plan.SEG
+    cuts = sorted({G, 2 * G + 1, 3 * G - 1, *random.sample(range(1, L), 4)})
+    q, k, v, state, _ = _inputs(1, L, H, 16, 64, DEVICE, init=True)
+    seq_idx = _seq_from_cuts([cuts], L, DEVICE)
+    qr, kr, vr = (x.to(dtype).to(F64) for x in (q, k, v))
+    ref_outs, ref_leaves = _run(taylor_linear_attention_ref, qr, kr, vr, state, seq_idx, normalize, True, F64)
+    outs, leaves = _run(taylor_linear_attention, q, k, v, state, seq_idx, normalize, True, dtype)
+    tol = TOL[dtype]
+    for n, o, r in zip(["y", "S_L", "z_L"], outs, ref_outs):
+        e = rel_err(o.detach(), r.detach())
+        assert e < tol, f"seed={seed} {plan} {n}: {e:.2e}"
+    cot = [torch.randn_like(r) for r in ref_outs]
+    gref = torch.autograd.grad(_loss(ref_outs, cot), ref_leaves)
+    gout = torch.autograd.grad(_loss(outs, cot), leaves)
+    for n, g, r in zip(["dq", "dk", "dv", "dS0", "dz0"], gout, gref):
+        assert rel_err(g, r) < 2 * tol, f"seed={seed} {plan} {n}: {rel_err(g, r):.2e}"
 
 
 def test_float64_inputs_use_the_torch_path():
