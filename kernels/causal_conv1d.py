@@ -8,9 +8,9 @@ Two implementations behind one entry point:
 * ``impl="torch"``: F.conv1d with W-1 left padding (or masked shifted taps with seq_idx) + silu,
   autograd does the backward. Also the float64 oracle of the tests.
 * ``impl="triton"``: one fused kernel forward (taps + bias + silu + seq mask, one read of x, one
-  write), and one fused backward that recomputes the pre-activation instead of saving it and
-  produces dx, dweight and dbias in one pass (dweight/dbias as per-program partial sums,
-  reduced in PyTorch; deterministic, no atomics).
+  write), and a backward of two kernels: the gradient at the pre-activation g (recomputed from
+  x, not saved) with the dweight/dbias partial sums (per program, reduced in PyTorch;
+  deterministic, no atomics), then dx from W shifted reads of g.
 ``impl="auto"`` picks ``AUTO_IMPL`` (see its comment) on CUDA and the PyTorch path elsewhere (the interpreter is far slower than F.conv1d on a CPU). The comparison is
 ``ssdbench bench scan --op conv``; its H100 table is results/h100/conv_bench.md.
 Both accept channel-last inputs (a (batch, L, D) tensor viewed as (batch, D, L)) without copies
@@ -29,7 +29,7 @@ import triton.language as tl
 
 # Default for impl="auto" on CUDA: this Triton kernel. It is faster on an H100
 # (results/h100/conv_bench.md, bf16, D=4096, L=2K: forward 0.50 vs 3.84 ms for F.conv1d,
-# forward+backward 3.0 vs 9.3 ms) and its tests pass there in fp32/bf16/fp16. It was held back
+# forward+backward 2.36 vs 9.27 ms with the two-kernel backward of session 4, 3.0 before) and its tests pass there in fp32/bf16/fp16. It was held back
 # in session 2 while an illegal memory access in Mamba-2 training was unexplained; that fault
 # was the SSD kernels' (kernels/ssd_triton.py `_tiles`), and 16 runs on the H100 in session 3
 # (Mamba-1, Mamba-2 and Based MQAR, Mamba-1 LTI selective copying: scripts/jobs_fig8_t256_2k.txt)
@@ -94,13 +94,16 @@ def _causal_conv1d_fwd_kernel(
 
 
 @triton.jit
-def _causal_conv1d_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, seq_ptr, do_ptr, dx_ptr, dw_ptr, db_ptr,
+def _causal_conv1d_bwd_g_kernel(
+    x_ptr, w_ptr, bias_ptr, seq_ptr, do_ptr, g_ptr, dw_ptr, db_ptr,
     DIM, L, n_lchunks,
-    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol, s_dxb, s_dxd, s_dxl, s_qb, s_ql,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol, s_qb, s_ql,
     W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
     TILES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
+    """Backward, step 1: g = dL/d(pre-activation) at every output (the pre-activation
+    recomputed from x, not saved), written as fp32 (batch, L, D); and the dweight/dbias
+    partial sums of this (sequence, time chunk), which need g against x at the same outputs."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -108,7 +111,6 @@ def _causal_conv1d_bwd_kernel(
     offs_k = tl.arange(0, WP)  # (WP,) tap index, padded to a power of two
     x_base = x_ptr + pid_b * s_xb
     q_base = seq_ptr + pid_b * s_qb
-    do_base = do_ptr + pid_b * s_ob
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     else:
@@ -118,48 +120,65 @@ def _causal_conv1d_bwd_kernel(
     for i in range(TILES):
         offs_t = (pid_l * TILES + i) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         t_mask = offs_t < L
+        mo = d_mask[:, None] & t_mask[None, :]
+        g = tl.load(do_ptr + pid_b * s_ob + offs_d[:, None] * s_od + offs_t[None, :] * s_ol,
+                    mask=mo, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_L)
+        if SILU:
+            pre = _conv_pre(x_base, w_ptr, q_base, offs_d, d_mask, offs_t, t_mask, bias,
+                            s_xd, s_xl, s_wd, s_wk, s_ql, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+            sg = tl.sigmoid(pre)
+            g = g * sg * (1.0 + pre * (1.0 - sg))
+        tl.store(g_ptr + (pid_b * L + offs_t[None, :]) * DIM + offs_d[:, None], g, mask=mo)
+        db_acc += tl.sum(g, axis=1)
         if HAS_SEQ:
             q = tl.load(q_base + offs_t * s_ql, mask=t_mask, other=0)
-        dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # (BLOCK_D, BLOCK_L)
-        # x[t] feeds outputs t + j (j = 0..W-1) through tap k = W-1-j; recompute the gradient
-        # at those outputs (pre-activation included) rather than storing it in the forward.
-        for j in tl.static_range(W):
-            tp = offs_t + j  # (BLOCK_L,) output positions
-            tp_mask = tp < L
-            mo = d_mask[:, None] & tp_mask[None, :]
-            g = tl.load(do_base + offs_d[:, None] * s_od + tp[None, :] * s_ol, mask=mo, other=0.0).to(tl.float32)
-            if SILU:
-                pre = _conv_pre(x_base, w_ptr, q_base, offs_d, d_mask, tp, tp_mask, bias,
-                                s_xd, s_xl, s_wd, s_wk, s_ql, W, HAS_SEQ, BLOCK_D, BLOCK_L)
-                sg = tl.sigmoid(pre)
-                g = g * sg * (1.0 + pre * (1.0 - sg))
+        for k in tl.static_range(W):  # dw[:, k] = sum_t g[t] x[t - (W-1) + k] (same sequence)
+            s = offs_t - (W - 1) + k
+            valid = t_mask & (s >= 0)
             if HAS_SEQ:
-                qp = tl.load(q_base + tp * s_ql, mask=tp_mask, other=0)
-                g_x = tl.where((qp == q)[None, :], g, 0.0)
-            else:
-                g_x = g
-            wk = tl.load(w_ptr + offs_d * s_wd + (W - 1 - j) * s_wk, mask=d_mask, other=0.0).to(tl.float32)
-            dx += wk[:, None] * g_x
-            if j == 0:
-                # Each output t of this tile contributes once to dweight and dbias.
-                db_acc += tl.sum(g, axis=1)
-                for k in tl.static_range(W):
-                    s = offs_t - (W - 1) + k
-                    valid = t_mask & (s >= 0)
-                    if HAS_SEQ:
-                        qs = tl.load(q_base + s * s_ql, mask=valid, other=0)
-                        valid = valid & (qs == q)
-                    xk = tl.load(x_base + offs_d[:, None] * s_xd + s[None, :] * s_xl,
-                                 mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
-                    dwk = tl.sum(g * xk, axis=1)  # (BLOCK_D,)
-                    dw_acc += tl.where((offs_k == k)[None, :], dwk[:, None], 0.0)
-        tl.store(dx_ptr + pid_b * s_dxb + offs_d[:, None] * s_dxd + offs_t[None, :] * s_dxl,
-                 dx.to(dx_ptr.dtype.element_ty), mask=d_mask[:, None] & t_mask[None, :])
+                qs = tl.load(q_base + s * s_ql, mask=valid, other=0)
+                valid = valid & (qs == q)
+            xk = tl.load(x_base + offs_d[:, None] * s_xd + s[None, :] * s_xl,
+                         mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
+            dwk = tl.sum(g * xk, axis=1)  # (BLOCK_D,)
+            dw_acc += tl.where((offs_k == k)[None, :], dwk[:, None], 0.0)
     # Partial sums of this (sequence, time chunk): dw (batch, n_lchunks, D, WP), db (batch, n_lchunks, D).
     part = pid_b * n_lchunks + pid_l
     tl.store(dw_ptr + part * DIM * WP + offs_d[:, None] * WP + offs_k[None, :], dw_acc,
              mask=d_mask[:, None] & (offs_k < W)[None, :])
     tl.store(db_ptr + part * DIM + offs_d, db_acc, mask=d_mask)
+
+
+@triton.jit
+def _causal_conv1d_bwd_dx_kernel(
+    g_ptr, w_ptr, seq_ptr, dx_ptr,
+    DIM, L,
+    s_wd, s_wk, s_dxb, s_dxd, s_dxl, s_qb, s_ql,
+    W: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Backward, step 2: dx[t] = sum_j w[W-1-j] g[t+j] over the outputs t+j of x[t]'s sequence
+    (g from step 1, read W times shifted, mostly from L2)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_mask = offs_d < DIM
+    t_mask = offs_t < L
+    q_base = seq_ptr + pid_b * s_qb
+    if HAS_SEQ:
+        q = tl.load(q_base + offs_t * s_ql, mask=t_mask, other=0)
+    dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # (BLOCK_D, BLOCK_L)
+    for j in tl.static_range(W):
+        tp = offs_t + j  # (BLOCK_L,) the outputs x[t] feeds through tap W-1-j
+        valid = t_mask & (tp < L)
+        if HAS_SEQ:
+            qp = tl.load(q_base + tp * s_ql, mask=valid, other=0)
+            valid = valid & (qp == q)
+        g = tl.load(g_ptr + (pid_b * L + tp[None, :]) * DIM + offs_d[:, None],
+                    mask=d_mask[:, None] & valid[None, :], other=0.0)  # (BLOCK_D, BLOCK_L)
+        wk = tl.load(w_ptr + offs_d * s_wd + (W - 1 - j) * s_wk, mask=d_mask, other=0.0).to(tl.float32)
+        dx += wk[:, None] * g
+    tl.store(dx_ptr + pid_b * s_dxb + offs_d[:, None] * s_dxd + offs_t[None, :] * s_dxl,
+             dx.to(dx_ptr.dtype.element_ty), mask=d_mask[:, None] & t_mask[None, :])
 
 
 _FWD_CONFIGS = ((16, 128, 4), (32, 64, 4), (64, 32, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8))
@@ -173,9 +192,15 @@ def _tuned_fwd():
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_bwd():
+def _tuned_bwd_g():
     cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=nw) for bd, nw in _BWD_CONFIGS]
-    return triton.autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_bwd_kernel)
+    return triton.autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_bwd_g_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_bwd_dx():
+    cfgs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=nw) for bd, bl, nw in _FWD_CONFIGS]
+    return triton.autotune(cfgs, key=["DIM", "L", "s_dxd", "s_dxl"])(_causal_conv1d_bwd_dx_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,19 +272,29 @@ class CausalConv1dFn(torch.autograd.Function):
         block_l, tiles = (16, 2) if _interpreting() else (_BWD_BLOCK_L, _BWD_TILES)
         n_lchunks = triton.cdiv(L, block_l * tiles)
         dx = torch.empty_like(x)  # (batch, D, L), x's layout
+        g = torch.empty((batch, L, dim), device=x.device, dtype=torch.float32)  # (batch, L, D) dL/d(pre)
         dw_part = torch.empty((batch, n_lchunks, dim, WP), device=x.device, dtype=torch.float32)
         db_part = torch.empty((batch, n_lchunks, dim), device=x.device, dtype=torch.float32)
         q = seq_idx if seq_idx is not None else x
         qs = seq_idx.stride() if seq_idx is not None else (0, 0)
-        args = (x, weight, bias if bias is not None else x, q, dout, dx, dw_part, db_part, dim, L, n_lchunks,
-                *x.stride(), *weight.stride(), *dout.stride(), *dx.stride(), *qs)
+        # two kernels: g once per output, then dx from W shifted reads of g (one fused kernel
+        # recomputed g, with its W-tap pre-activation, at each of the W shifts: 0.36 ms a layer
+        # of Mamba-2 training on the H100, 5x its forward)
+        args = (x, weight, bias if bias is not None else x, q, dout, g, dw_part, db_part, dim, L, n_lchunks,
+                *x.stride(), *weight.stride(), *dout.stride(), *qs)
         kw = dict(W=W, WP=WP, HAS_BIAS=bias is not None, SILU=ctx.silu, HAS_SEQ=seq_idx is not None,
                   TILES=tiles, BLOCK_L=block_l)
+        args_dx = (g, weight, q, dx, dim, L, *weight.stride(), *dx.stride(), *qs)
+        kw_dx = dict(W=W, HAS_SEQ=seq_idx is not None)
         if _interpreting():
-            _causal_conv1d_bwd_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16)
+            _causal_conv1d_bwd_g_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16)
+            _causal_conv1d_bwd_dx_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
+                *args_dx, **kw_dx, BLOCK_D=16, BLOCK_L=32)
         else:
             grid = lambda m: (batch, n_lchunks, triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
-            _tuned_bwd()[grid](*args, **kw)
+            _tuned_bwd_g()[grid](*args, **kw)
+            grid = lambda m: (batch, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
+            _tuned_bwd_dx()[grid](*args_dx, **kw_dx)
         dw = dw_part.sum((0, 1))[:, :W].to(weight.dtype)  # (D, W)
         db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None, None

@@ -698,7 +698,9 @@ def _tuned(kernel, configs, key, reset_to_zero=None, tile_T=False):
     prune = {"early_config_prune": _prune_T} if tile_T else None
     # reset_to_zero: outputs that are accumulated atomically must start from zero in every
     # timing run of the autotuner, or the first (tuning) call returns a multiple of the sum
-    return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero,
+    # a list of its own per autotuner: torch.compile traces into the autotuner and refused two
+    # of them sharing one configs list once they prune it ("already tracked for mutation")
+    return triton.autotune(configs=list(configs), key=key, reset_to_zero=reset_to_zero,
                            prune_configs_by=prune)(kernel), {}
 
 

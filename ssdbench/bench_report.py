@@ -35,3 +35,24 @@ def write(df: pd.DataFrame, out: Path | None, name: str, module: str, argv: list
     cmd = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     (out / f"{name}.md").write_text(f"Command: `{cmd.strip()}`\n\nDevice: {device}\n\n{header}" + markdown(df))
+
+
+def kernel_times(fn, iters: int = 5, width: int = 60) -> pd.DataFrame:
+    """GPU time per kernel of fn() (torch.profiler over ``iters`` calls after the caller's
+    warm-up): columns kernel (name cut to ``width``), ms_per_iter, calls_per_iter, largest
+    first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((e.key[:width], t / iters / 1000.0, e.count // iters))
+    rows.sort(key=lambda r: -r[1])
+    return pd.DataFrame(rows, columns=["kernel", "ms_per_iter", "calls_per_iter"])

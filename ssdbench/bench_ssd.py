@@ -119,8 +119,6 @@ def bench_sdpa_case(do_bench, L, tokens, H, P, dtype):
 
 def profile_ssd(L, tokens, H, P, N, G, Q, dtype):
     """Per-kernel CUDA time of one forward+backward (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from ssdbench.kernels.ssd import ssd_chunked
 
     batch = tokens // L
@@ -136,18 +134,7 @@ def profile_ssd(L, tokens, H, P, N, G, Q, dtype):
     kw = dict(D=D, dt_bias=(torch.randn(H, device=dev) * 0.1).requires_grad_(), dt_softplus=True)
     for _ in range(3):
         ssd_chunked(x, dt, A, B, C, Q, **kw).backward(gy)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            ssd_chunked(x, dt, A, B, C, Q, **kw).backward(gy)
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((e.key[:60], t / 5 / 1000.0, e.count // 5))
-    rows.sort(key=lambda r: -r[1])
-    return pd.DataFrame(rows, columns=["kernel", "ms_per_iter", "calls_per_iter"])
+    return bench_report.kernel_times(lambda: ssd_chunked(x, dt, A, B, C, Q, **kw).backward(gy))
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
