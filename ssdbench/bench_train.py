@@ -91,7 +91,7 @@ def time_training(model, L: int, batch: int, steps: int, warmup: int, compile_: 
 
 
 def run_case(arch: str, L: int, tokens: int, steps: int, warmup: int, compile_: bool, peak: float,
-             profile_out: Path | None = None) -> dict:
+             profile_out: Path | None = None, argv: list[str] | None = None) -> dict:
     batch = max(1, tokens // L)
     row = dict(model=arch, L=L, batch=batch, compile=compile_)
     model = None
@@ -105,7 +105,7 @@ def run_case(arch: str, L: int, tokens: int, steps: int, warmup: int, compile_: 
             name = f"train_kernels_{arch}_L{L}{'_compiled' if compile_ else ''}"
             print(f"{name}: step {r['step_ms']:.1f} ms, kernels {k.ms_per_iter.sum():.1f} ms")
             print(k.head(25).to_string(index=False))
-            bench_report.write(k, profile_out, name, "ssdbench.bench_train", None)
+            bench_report.write(k, profile_out, name, "ssdbench.bench_train", argv)
         tok_s = batch * L / (r["step_ms"] / 1e3)
         fpt = 3 * model.flops_per_token(L)  # training FLOPs per token, exact count
         row.update(step_ms=r["step_ms"], tokens_per_s=tok_s, mfu=fpt * tok_s / (peak * 1e12),
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         for L in args.lengths:
             for c in modes:
                 rows.append(run_case(arch, L, args.tokens, args.steps, args.warmup, c, peak,
-                                     profile_out=(args.out or Path(".")) if args.profile else None))
+                                     profile_out=(args.out or Path(".")) if args.profile else None,
+                                     argv=argv))
                 print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in rows[-1].items()), flush=True)
     df = pd.DataFrame(rows)
