@@ -149,8 +149,11 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
     args = ["run", *TINY, f"results_dir={tmp_path}", "study=int", "trainer.max_steps=2000",
             "checkpoint_every=25", "trainer.val_check_interval=1000"]
     env = _env()
+    # Ctrl-C's default action in the child even when the tests run as a background job (a
+    # non-interactive shell starts those with SIGINT ignored, and the child would inherit it)
     proc = subprocess.Popen([sys.executable, "-m", "ssdbench.cli", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = (tmp_path / "int" / "experiment=mqar_tiny,model=transformerpp,trainer.max_steps=2000,"
                "trainer.val_check_interval=1000,trainer=cpu")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
