@@ -9,6 +9,7 @@ import argparse
 
 import torch
 
+from ssdbench.bench_ssd import ssd_inputs
 from ssdbench.kernels.ssd import ssd_chunked
 
 
@@ -23,15 +24,13 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     a = ap.parse_args()
     batch = a.tokens // a.L
-    dev, dt_ = "cuda", torch.bfloat16
-    x = torch.randn(batch, a.L, a.H, a.P, device=dev, dtype=dt_, requires_grad=True)  # (batch, L, H, P)
-    dt = (torch.rand(batch, a.L, a.H, device=dev) * 0.1).to(dt_).requires_grad_()  # (batch, L, H)
-    A = -torch.rand(a.H, device=dev).requires_grad_()  # (H,)
-    B = torch.randn(batch, a.L, 1, a.N, device=dev, dtype=dt_, requires_grad=True)  # (batch, L, 1, N)
-    C = torch.randn(batch, a.L, 1, a.N, device=dev, dtype=dt_, requires_grad=True)  # (batch, L, 1, N)
-    dy = torch.randn(batch, a.L, a.H, a.P, device=dev, dtype=dt_)  # (batch, L, H, P)
+    # the benchmark's inputs and options (D, dt_bias, softplus): the same kernel variants
+    (x, dt, A, B, C), kw, leaves = ssd_inputs(batch, a.L, a.H, a.P, a.N, 1, torch.bfloat16)
+    for t in leaves:
+        t.requires_grad_()
+    dy = torch.randn_like(x)  # (batch, L, H, P)
     for _ in range(a.iters):
-        y = ssd_chunked(x, dt, A, B, C, a.Q)
+        y = ssd_chunked(x, dt, A, B, C, a.Q, **kw)
         y.backward(dy)
     torch.cuda.synchronize()
     print("done", tuple(y.shape))

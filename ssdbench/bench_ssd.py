@@ -55,25 +55,32 @@ def _ceilings(do_bench):
     return gbs, tflops
 
 
+def ssd_inputs(batch, L, H, P, N, G, dtype, device="cuda"):
+    """Random inputs of the timed SSD runs: ((x, dt, A, B, C), options, leaves). The options
+    (D, dt_bias, softplus) are the Mamba-2 block's, so the kernels timed, profiled
+    (profile_ssd, scripts/ssd_profile.py) and used in training are the same variants."""
+    x = torch.randn(batch, L, H, P, device=device, dtype=dtype)  # (batch, L, H, P)
+    dt = torch.randn(batch, L, H, device=device, dtype=dtype) * 0.5 - 3.0  # (batch, L, H) before softplus
+    A = -torch.exp(torch.rand(H, device=device) * 2.77)  # (H,) in [-16, -1]
+    B = torch.randn(batch, L, G, N, device=device, dtype=dtype)  # (batch, L, G, N)
+    C = torch.randn(batch, L, G, N, device=device, dtype=dtype)  # (batch, L, G, N)
+    D = torch.randn(H, device=device)  # (H,)
+    dt_bias = torch.randn(H, device=device) * 0.1  # (H,)
+    return (x, dt, A, B, C), dict(D=D, dt_bias=dt_bias, dt_softplus=True), [x, dt, A, B, C, D, dt_bias]
+
+
 def bench_ssd_case(do_bench, L, tokens, H, P, N, G, Q, dtype, backward=True):
     from ssdbench.kernels.ssd import ssd_chunked
 
     batch = max(1, tokens // L)
     dev = "cuda"
-    x = torch.randn(batch, L, H, P, device=dev, dtype=dtype)
-    dt = torch.randn(batch, L, H, device=dev, dtype=dtype) * 0.5 - 3.0
-    A = -torch.exp(torch.rand(H, device=dev) * 2.77)
-    B = torch.randn(batch, L, G, N, device=dev, dtype=dtype)
-    C = torch.randn(batch, L, G, N, device=dev, dtype=dtype)
-    D = torch.randn(H, device=dev)
-    dt_bias = torch.randn(H, device=dev) * 0.1
-    kw = dict(D=D, dt_bias=dt_bias, dt_softplus=True)
+    (x, dt, A, B, C), kw, leaves = ssd_inputs(batch, L, H, P, N, G, dtype, dev)
     with torch.no_grad():
         fwd = do_bench(lambda: ssd_chunked(x, dt, A, B, C, Q, **kw), return_mode="median")
         graph = _graph_ms(do_bench, lambda: ssd_chunked(x, dt, A, B, C, Q, **kw))
     bwd = float("nan")
     if backward:
-        leaves = [t.requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+        leaves = [t.requires_grad_() for t in leaves]
         gy = torch.randn(batch, L, H, P, device=dev, dtype=dtype)
 
         def step():
@@ -122,16 +129,10 @@ def profile_ssd(L, tokens, H, P, N, G, Q, dtype):
     from ssdbench.kernels.ssd import ssd_chunked
 
     batch = tokens // L
-    dev = "cuda"
-    x = torch.randn(batch, L, H, P, device=dev, dtype=dtype, requires_grad=True)
-    dt = (torch.randn(batch, L, H, device=dev, dtype=dtype) * 0.5 - 3.0).requires_grad_()
-    A = (-torch.exp(torch.rand(H, device=dev) * 2.77)).requires_grad_()
-    B = torch.randn(batch, L, G, N, device=dev, dtype=dtype, requires_grad=True)
-    C = torch.randn(batch, L, G, N, device=dev, dtype=dtype, requires_grad=True)
-    gy = torch.randn(batch, L, H, P, device=dev, dtype=dtype)
-    # the options of the timed runs (bench_ssd_case), so the kernels are the same variants
-    D = torch.randn(H, device=dev, requires_grad=True)
-    kw = dict(D=D, dt_bias=(torch.randn(H, device=dev) * 0.1).requires_grad_(), dt_softplus=True)
+    (x, dt, A, B, C), kw, leaves = ssd_inputs(batch, L, H, P, N, G, dtype)
+    for t in leaves:
+        t.requires_grad_()
+    gy = torch.randn(batch, L, H, P, device="cuda", dtype=dtype)  # (batch, L, H, P)
     for _ in range(3):
         ssd_chunked(x, dt, A, B, C, Q, **kw).backward(gy)
     return bench_report.kernel_times(lambda: ssd_chunked(x, dt, A, B, C, Q, **kw).backward(gy))
