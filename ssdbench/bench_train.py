@@ -91,7 +91,7 @@ def time_training(model, L: int, batch: int, steps: int, warmup: int, compile_: 
 
 
 def run_case(arch: str, L: int, tokens: int, steps: int, warmup: int, compile_: bool, peak: float,
-             profile_out: Path | None = None, argv: list[str] | None = None) -> dict:
+             profile: bool = False, out: Path | None = None, argv: list[str] | None = None) -> dict:
     batch = max(1, tokens // L)
     row = dict(model=arch, L=L, batch=batch, compile=compile_)
     model = None
@@ -99,13 +99,13 @@ def run_case(arch: str, L: int, tokens: int, steps: int, warmup: int, compile_: 
         model = build_model(arch)
         n_params = model.num_params()
         row.update(params_m=n_params / 1e6)
-        r = time_training(model, L, batch, steps, warmup, compile_, profile=profile_out is not None)
+        r = time_training(model, L, batch, steps, warmup, compile_, profile=profile)
         if "kernels" in r:
             k = r.pop("kernels")
             name = f"train_kernels_{arch}_L{L}{'_compiled' if compile_ else ''}"
             print(f"{name}: step {r['step_ms']:.1f} ms, kernels {k.ms_per_iter.sum():.1f} ms")
             print(k.head(25).to_string(index=False))
-            bench_report.write(k, profile_out, name, "ssdbench.bench_train", argv)
+            bench_report.write(k, out, name, "ssdbench.bench_train", argv)  # nothing without --out
         tok_s = batch * L / (r["step_ms"] / 1e3)
         fpt = 3 * model.flops_per_token(L)  # training FLOPs per token, exact count
         row.update(step_ms=r["step_ms"], tokens_per_s=tok_s, mfu=fpt * tok_s / (peak * 1e12),
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.compile the model (kernels of the project stay Triton either way)")
     ap.add_argument("--out", type=Path, default=None, help="folder for bench_train.csv / .md")
     ap.add_argument("--profile", action="store_true",
-                    help="also the GPU time per kernel of a step (train_kernels_*.csv / .md in --out)")
+                    help="also print the GPU time per kernel of a step (and write train_kernels_*.csv / .md to --out)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("ssdbench bench train: needs a CUDA GPU", file=sys.stderr)
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         for L in args.lengths:
             for c in modes:
                 rows.append(run_case(arch, L, args.tokens, args.steps, args.warmup, c, peak,
-                                     profile_out=(args.out or Path(".")) if args.profile else None,
-                                     argv=argv))
+                                     profile=args.profile, out=args.out, argv=argv))
                 print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in rows[-1].items()), flush=True)
     df = pd.DataFrame(rows)
