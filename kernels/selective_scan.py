@@ -6,12 +6,17 @@ Per channel d (D channels) and state n (N states), with diagonal real A (Mamba ย
     y_t    = sum_n C_t[n] h_t[n] + D[d] u_t,     then  y_t * silu(z_t)
 
 Hardware-aware design (Mamba ยง3.3): the expanded state (batch, D, L, N) never touches memory.
-A program owns (one sequence, BLOCK_D channels, all N states), walks L in time blocks of
-BLOCK_T and, inside a block, solves the linear recurrence with ``tl.associative_scan`` over
-time on pairs (a, b) with combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2). The state
-entering a block is folded into b at the block's first step; the state leaving a block is
-carried to the next block through a tiny (batch, D, 2, N) fp32 ping-pong buffer (L1/L2
-resident), and N is walked in BLOCK_N slices so N up to 256 fits in registers.
+
+Forward: a sequential walk. A program owns (one sequence, BLOCK_D channels, all N states); its
+threads hold the state h (N, BLOCK_D) in registers, one channel per lane, and advance it one
+time step at a time (one exp and three FMAs per state element). The time axis is not split:
+the programs of a batch already fill the GPU at the benchmark shapes (65,536 tokens).
+
+Backward: a program owns (one sequence, BLOCK_D channels), walks L in time blocks of BLOCK_T
+and, inside a block, solves the linear recurrences with ``tl.associative_scan`` over time on
+pairs (a, b) with combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2); N is walked in BLOCK_N
+slices so N up to 256 fits in registers. (The forward used this design too until session 5:
+10 ms where the walk takes about 4 at D=2048, N=16, 65,536 tokens on an H100.)
 
 Backward recomputes the states: the forward (when gradients are needed) keeps only the state
 at every block boundary, (batch, D, L / BLOCK_T, N) fp32; the backward walks the blocks in
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_N = 256  # largest state size N (registers hold BLOCK_N slices; the ceiling is the brief's)
+MAX_N = 256  # largest state size N (the backward holds BLOCK_N slices; the ceiling is the brief's)
 
 
 def _interpreting() -> bool:
@@ -59,101 +64,165 @@ def _softplus(x):
 
 
 @triton.jit
-def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, y_ptr, st_ptr,
-    DIM, N, L, DPG, n_chunks,  # DIM = D channels; DPG = channels per B/C group
+def _exp2(x, FTZ: tl.constexpr):
+    # FTZ (on the GPU): the bare ex2.approx.ftz instruction. tl.exp2 compiles to ex2.approx,
+    # whose denormal handling wraps every exp in a compare and two predicated multiplies
+    # (3 of the walk's ~12 instructions per state element and step); decays below 2^-126
+    # flushing to 0 is harmless. The interpreter cannot run PTX: it takes tl.exp2.
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+# The walk reads K = 8 time steps of u, delta, z as one (BLOCK_D, K) tile along contiguous memory
+# and unpacks it into K per-step vectors with reshape / permute / split: Triton stages the
+# tile through shared memory once, and every thread then holds its channel's K values in
+# registers (a per-step load of (BLOCK_D,) values L apart made each warp touch 32 cache
+# lines per step: ncu showed the L1 87 % busy and the kernel at 4 ms). The outputs go back
+# the same way (join, then one tile store).
+@triton.jit
+def _halves(x, BD: tl.constexpr, K: tl.constexpr):
+    """(BD, K) -> its first and second (BD, K/2) halves along time."""
+    return tl.split(tl.permute(tl.reshape(x, (BD, 2, K // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _cols4(x, BD: tl.constexpr):
+    """(BD, 4) -> its 4 columns, each (BD,)."""
+    a, b = _halves(x, BD, 4)
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, a1, b0, b1
+
+
+@triton.jit
+def _cols8(x, BD: tl.constexpr):
+    a, b = _halves(x, BD, 8)
+    a0, a1, a2, a3 = _cols4(a, BD)
+    b0, b1, b2, b3 = _cols4(b, BD)
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@triton.jit
+def _cat(a, b, BD: tl.constexpr, K: tl.constexpr):
+    """Two (BD, K/2) tiles (or (BD,) vectors for K = 2) side by side along time: (BD, K)."""
+    if K == 2:
+        return tl.join(a, b)
+    else:
+        return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BD, K))
+
+
+@triton.jit
+def _tile8(ys, BD: tl.constexpr):
+    """A tuple of 8 (BD,) vectors -> the (BD, 8) tile."""
+    q0 = _cat(_cat(ys[0], ys[1], BD, 2), _cat(ys[2], ys[3], BD, 2), BD, 4)
+    q1 = _cat(_cat(ys[4], ys[5], BD, 2), _cat(ys[6], ys[7], BD, 2), BD, 4)
+    return _cat(q0, q1, BD, 8)
+
+
+# do_not_specialize: with A's strides unknown (not the constant 1) the compiler has no
+# contiguous axis to vectorise A's load along, and lays the (NP, BLOCK_D) tiles out with the
+# lanes along the channels: each thread then owns whole columns of states, so the sum over
+# N for y_t stays inside a thread (with A's state axis contiguous, Triton spread N over 16
+# lanes and every step paid 4 shuffle levels per channel; checked in the TTGIR for sm_90).
+@triton.jit(do_not_specialize=["s_Ad", "s_An"])
+def _selective_scan_fwd_walk_kernel(
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, y_ptr, st_ptr,
+    DIM, N, L, DPG, n_chunks, NB,  # NB = batch: only an autotuning key
     s_ub, s_ud, s_ul,
     s_db, s_dd, s_dl,
     s_Ad, s_An,
-    s_Bb, s_Bg, s_Bn, s_Bl,
-    s_Cb, s_Cg, s_Cn, s_Cl,
+    s_cb, s_cg, s_cl,  # BC (batch, G, L, 2, NP) fp32, zero-padded: B_t = BC[.., t, 0], C_t = [.., t, 1]
     s_zb, s_zd, s_zl,
     s_yb, s_yd, s_yl,
     s_sb, s_sd, s_sc, s_sn,
     s_qb, s_ql,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, SAVE_ALL: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
+    FTZ: tl.constexpr,
 ):
+    """Forward as a sequential walk over time: the state h^T (NP, BLOCK_D) stays in registers
+    and advances one step at a time, one exp and three FMAs per state element and step.
+
+    (The first design ran tl.associative_scan over (BLOCK_D, N, BLOCK_T) tiles: each element
+    paid the scan's shuffle levels, and blocks handed their state over through global memory:
+    10 ms at D=2048, N=16, 65,536 tokens on an H100.) Per block of K steps: u, delta, z are
+    loaded as tiles and unpacked (above); delta's bias and softplus, the D skip and the gate
+    act on whole tiles. The state is stored at every BLOCK_T boundary (the backward's
+    checkpoints) when SAVE_ALL, and after the last step in every case (slot n_chunks - 1,
+    or slot 0 of a one-slot buffer without SAVE_ALL)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    tl.static_assert(K == 8, "the tile unpacking (_cols8, _tile8) is written for K = 8")
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_mask = offs_d < DIM
-    offs_n0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    offs_tl = tl.arange(0, BLOCK_T)  # (BLOCK_T,) position inside the time block
-    is_first = (offs_tl == 0)[None, None, :]  # (1, 1, BLOCK_T)
-    is_last = (offs_tl == BLOCK_T - 1)[None, None, :]
-    # The wrapper picks BLOCK_D so that a block never straddles two B/C groups.
-    grp = (pid_d * BLOCK_D) // DPG
+    offs_n = tl.arange(0, NP)  # (NP,)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, K)  # (K,)
+    mnd = n_mask[:, None] & d_mask[None, :]  # (NP, BLOCK_D)
+    grp = (pid_d * BLOCK_D) // DPG  # the wrapper keeps a block inside one B/C group
 
-    u_base = u_ptr + pid_b * s_ub
-    dl_base = delta_ptr + pid_b * s_db
-    B_base = B_ptr + pid_b * s_Bb + grp * s_Bg
-    C_base = C_ptr + pid_b * s_Cb + grp * s_Cg
-    st_base = st_ptr + pid_b * s_sb
-
+    # exp(delta A) = exp2(delta A log2 e): log2 e folded into A once
+    A2 = tl.load(A_ptr + offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask=mnd, other=0.0).to(tl.float32) * LOG2E  # (NP, BLOCK_D)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    u_p = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud  # (BLOCK_D, 1)
+    dl_p = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
+    z_p = z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd
+    y_p = y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd
+    # B_t and C_t from one fp32 row of 2 NP values: constant offsets from one address per
+    # step and no mask (read from the (batch, G, N, L) inputs, the bf16 loads, conversions and
+    # per-state addresses were 180 of 420 instructions per step)
+    B_p = BC_ptr + pid_b * s_cb + grp * s_cg + offs_n  # (NP,)
+    C_p = B_p + NP
+    st_p = st_ptr + pid_b * s_sb + offs_n[:, None] * s_sn + offs_d[None, :] * s_sd  # (NP, BLOCK_D)
 
-    for c in range(0, n_chunks):
-        offs_t = c * BLOCK_T + offs_tl  # (BLOCK_T,)
-        # Block index as a tile: the interpreter rejects a scalar bool inside a tensor mask.
-        c_dn = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.int32) + c  # (BLOCK_D, BLOCK_N)
-        t_mask = offs_t < L
-        m2 = d_mask[:, None] & t_mask[None, :]  # (BLOCK_D, BLOCK_T)
-        u = tl.load(u_base + offs_d[:, None] * s_ud + offs_t[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        dt = tl.load(dl_base + offs_d[:, None] * s_dd + offs_t[None, :] * s_dl, mask=m2, other=0.0).to(tl.float32)
+    h = tl.zeros([NP, BLOCK_D], dtype=tl.float32)  # (NP, BLOCK_D) = h^T
+    for t0 in range(0, L, K):
+        t = t0 + offs_k  # (K,)
+        m = d_mask[:, None] & (t < L)[None, :]  # (BLOCK_D, K)
+        u = tl.load(u_p + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)  # (BLOCK_D, K)
+        dt = tl.load(dl_p + t[None, :] * s_dl, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt = dt + bias[:, None]
         if SOFTPLUS:
             dt = _softplus(dt)
-        # Padded steps get delta = 0, i.e. a = 1, b = 0: the identity, so the state at the
-        # block's last slot is the state at the last real step.
-        dt = tl.where(m2, dt, 0.0)  # (BLOCK_D, BLOCK_T)
-        dtu = dt * u  # (BLOCK_D, BLOCK_T)
+        dt = tl.where(m, dt, 0.0)  # steps past L: decay 1, no input (the state is kept)
         if HAS_SEQ:
-            q = tl.load(seq_ptr + pid_b * s_qb + offs_t * s_ql, mask=t_mask, other=0)
-            q_prev = tl.load(seq_ptr + pid_b * s_qb + (offs_t - 1) * s_ql, mask=t_mask & (offs_t > 0), other=0)
-            reset = ((q != q_prev) & t_mask & (offs_t > 0))[None, None, :]  # (1, 1, BLOCK_T)
-        if HAS_D:
-            y_acc = Dv[:, None] * u  # (BLOCK_D, BLOCK_T)
-        else:
-            y_acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
-        if SAVE_ALL:
-            slot = c
-            prev_slot = c - 1
-        else:
-            slot = c % 2
-            prev_slot = (c + 1) % 2
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + offs_n0
-            n_mask = offs_n < N
-            mdn = d_mask[:, None] & n_mask[None, :]  # (BLOCK_D, BLOCK_N)
-            mnt = n_mask[:, None] & t_mask[None, :]  # (BLOCK_N, BLOCK_T)
-            A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mdn, other=0.0).to(tl.float32)
-            Bt = tl.load(B_base + offs_n[:, None] * s_Bn + offs_t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_base + offs_n[:, None] * s_Cn + offs_t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
-            st_off = offs_d[:, None] * s_sd + offs_n[None, :] * s_sn  # (BLOCK_D, BLOCK_N)
-            h0 = tl.load(st_base + prev_slot * s_sc + st_off, mask=mdn & (c_dn > 0), other=0.0)  # (BLOCK_D, BLOCK_N)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_T)
+            q = tl.load(seq_ptr + pid_b * s_qb + t * s_ql, mask=t < L, other=0)  # (K,)
+            q_prev = tl.load(seq_ptr + pid_b * s_qb + (t - 1) * s_ql, mask=(t >= 1) & (t < L), other=0)
+            keep = tl.where((q == q_prev) | (t == 0), 1.0, 0.0)  # (K,) 0 where a document starts
+            keeps = _cols8(keep[None, :] + tl.zeros([BLOCK_D, K], dtype=tl.float32), BLOCK_D)
+        dts = _cols8(dt, BLOCK_D)
+        dtus = _cols8(dt * u, BLOCK_D)
+        ys = ()
+        for k in tl.static_range(K):
+            Bt = tl.load(B_p + (t0 + k) * s_cl)  # (NP,) rows past L: the launcher's zero
+            Ct = tl.load(C_p + (t0 + k) * s_cl)  # padding up to a multiple of 16 steps
+            a = _exp2(dts[k][None, :] * A2, FTZ)  # (NP, BLOCK_D)
             if HAS_SEQ:
-                a = tl.where(reset, 0.0, a)
-            b = dtu[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_T)
-            b = b + tl.where(is_first, a * h0[:, :, None], 0.0)
-            _, h = tl.associative_scan((a, b), 2, _linear_combine)  # (BLOCK_D, BLOCK_N, BLOCK_T)
-            y_acc += tl.sum(h * Ct[None, :, :], axis=1)
-            h_last = tl.sum(tl.where(is_last, h, 0.0), axis=2)  # (BLOCK_D, BLOCK_N)
-            tl.store(st_base + slot * s_sc + st_off, h_last, mask=mdn)
-        # The next block reads the states just written, possibly from other threads.
-        tl.debug_barrier()
+                a = a * keeps[k][None, :]  # a new document starts from a zero state
+            h = a * h + Bt[:, None] * dtus[k][None, :]  # (NP, BLOCK_D)
+            ys = ys + (tl.sum(h * Ct[:, None], axis=0),)  # (BLOCK_D,)
+        y = _tile8(ys, BLOCK_D)  # (BLOCK_D, K)
+        if HAS_D:
+            y += Dv[:, None] * u
         if HAS_Z:
-            z = tl.load(z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + offs_t[None, :] * s_zl,
-                        mask=m2, other=0.0).to(tl.float32)
-            y_acc = y_acc * z * tl.sigmoid(z)
-        tl.store(y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd + offs_t[None, :] * s_yl,
-                 y_acc.to(y_ptr.dtype.element_ty), mask=m2)
+            z = tl.load(z_p + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_p + t[None, :] * s_yl, y.to(y_ptr.dtype.element_ty), mask=m)
+        if SAVE_ALL:
+            t_end = tl.minimum(t0 + K, L)
+            if (t_end % BLOCK_T == 0) | (t_end == L):  # the checkpoint of block (t_end - 1) // BLOCK_T
+                tl.store(st_p + ((t_end - 1) // BLOCK_T) * s_sc, h, mask=mnd)
+    if not SAVE_ALL:
+        tl.store(st_p, h, mask=mnd)
 
 
 @triton.jit
@@ -337,23 +406,43 @@ def _allowed_block_d(dim: int, G: int, candidates) -> tuple:
     return ok
 
 
+def _walk_candidates(N: int) -> tuple:
+    """(BLOCK_D, num_warps) of the forward walk: min(NP, 32) state elements per thread (one
+    channel per lane up to N = 32; beyond, 2-8 lanes share a channel's states) and for
+    N >= 64 also 64 (fewer lanes per channel, more registers), 1-4 warps.
+    Few candidates on purpose: each is a long unrolled kernel to compile, and the GPU tests
+    autotune every shape they run (18 candidates made them take minutes)."""
+    NP = triton.next_power_of_2(N)
+    per_thread = sorted({min(NP, 32), min(NP, 64)})  # N >= 64: also one channel per lane
+    return tuple((32 * nw * e // NP, nw) for e in per_thread for nw in (1, 2, 4))
+
+
+_WALK_K = 8  # time steps per tile of the forward walk (16 ran out of registers: ptxas, sm_90)
+
+
+def _kernel(kind: str):
+    return _selective_scan_fwd_walk_kernel if kind == "fwd" else _selective_scan_bwd_kernel
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, configs: tuple):
-    fn = _selective_scan_fwd_kernel if kind == "fwd" else _selective_scan_bwd_kernel
-    cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=nw) for bd, nw in configs]
+    fn = _kernel(kind)
+    extra = dict(K=_WALK_K) if kind == "fwd" else {}
+    cfgs = [triton.Config({"BLOCK_D": bd, **extra}, num_warps=nw) for bd, nw in configs]
     reset = ["dB_ptr", "dC_ptr"] if kind == "bwd" else None
-    return triton.autotune(cfgs, key=["DIM", "N", "L", "DPG"], reset_to_zero=reset)(fn)
+    key = ["DIM", "N", "L", "DPG"] + (["NB"] if kind == "fwd" else [])
+    return triton.autotune(cfgs, key=key, reset_to_zero=reset)(fn)
 
 
-def _launch(kind: str, dim: int, G: int, batch: int, args: tuple, kwargs: dict):
+def _launch(kind: str, dim: int, G: int, batch: int, N: int, args: tuple, kwargs: dict):
     if _interpreting():
         bd = min(4, triton.next_power_of_2(dim))
         configs = _allowed_block_d(dim, G, ((bd, 4),))
         bd = configs[0][0]
-        fn = _selective_scan_fwd_kernel if kind == "fwd" else _selective_scan_bwd_kernel
-        fn[(batch, triton.cdiv(dim, bd))](*args, **kwargs, BLOCK_D=bd)
+        extra = dict(K=_WALK_K) if kind == "fwd" else {}
+        _kernel(kind)[(batch, triton.cdiv(dim, bd))](*args, **kwargs, BLOCK_D=bd, **extra)
         return
-    configs = _allowed_block_d(dim, G, _GPU_CANDIDATES)
+    configs = _allowed_block_d(dim, G, _walk_candidates(N) if kind == "fwd" else _GPU_CANDIDATES)
     grid = lambda meta: (batch, triton.cdiv(dim, meta["BLOCK_D"]))  # noqa: E731
     _tuned(kind, configs)[grid](*args, **kwargs)
 
@@ -451,22 +540,31 @@ class SelectiveScanFn(torch.autograd.Function):
         BT = _block_t()
         n_chunks = triton.cdiv(L, BT)
         save = bool(need_grad)  # keep the block-boundary states only when a backward will come
-        n_slots = n_chunks if save else 2
+        # with save: the state after every BT-block (the last slot holds the final state);
+        # without: the final state only
+        n_slots = n_chunks if save else 1
         states = torch.empty((batch, dim, n_slots, N), device=u.device, dtype=torch.float32)  # (batch, D, slots, N)
         y = torch.empty((batch, dim, L), device=u.device, dtype=u.dtype)  # (batch, D, L)
+        NP = triton.next_power_of_2(N)
+        # B_t and C_t side by side per step, fp32, zero-padded to NP (a few MB: the inputs of one
+        # step then sit at constant offsets from one address; see the kernel)
+        # and L padded to a multiple of 16 (K = 8 divides it) with zero rows
+        BC = torch.zeros((batch, G, triton.cdiv(L, 16) * 16, 2, NP), device=u.device, dtype=torch.float32)  # (batch, G, Lp, 2, NP)
+        BC[:, :, :L, 0, :N] = B4.transpose(2, 3)
+        BC[:, :, :L, 1, :N] = C4.transpose(2, 3)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
         dummy = u
-        args = (u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+        args = (u, delta, A, BC, D if D is not None else dummy, z if z is not None else dummy,
                 delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
-                y, states, dim, N, L, dim // G, n_chunks,
-                *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(), *_strides(z, 3),
+                y, states, dim, N, L, dim // G, n_chunks, batch,
+                *u.stride(), *delta.stride(), *A.stride(), *BC.stride()[:3], *_strides(z, 3),
                 *y.stride(), *states.stride(), *_strides(seq_idx, 2))
         kwargs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                       SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq_idx is not None, SAVE_ALL=save,
-                      BLOCK_N=_block_n(N), BLOCK_T=BT)
-        _launch("fwd", dim, G, batch, args, kwargs)
-        last_state = states[:, :, (n_chunks - 1) % n_slots if not save else n_chunks - 1]  # (batch, D, N)
+                      BLOCK_T=BT, NP=NP, FTZ=not _interpreting())
+        _launch("fwd", dim, G, batch, N, args, kwargs)
+        last_state = states[:, :, n_slots - 1]  # (batch, D, N)
         if save:
             ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states)
             ctx.delta_softplus = bool(delta_softplus)
@@ -504,7 +602,7 @@ class SelectiveScanFn(torch.autograd.Function):
         kwargs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                       SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DLAST=has_dlast,
                       BLOCK_N=_block_n(N), BLOCK_T=ctx.BT)
-        _launch("bwd", dim, G, batch, args, kwargs)
+        _launch("bwd", dim, G, batch, N, args, kwargs)
         dA = dA_part.sum(0).to(A.dtype)  # (D, N)
         dB = dB.to(B4.dtype)
         dC = dC.to(C4.dtype)

@@ -778,10 +778,12 @@ def _tiles(P: int, N: int, Q: int):
     faults only when the block's shared window sits at the top of the SM, i.e. at large grids.
     A stress run (scripts/ssd_fault_probe.py, batch 64 x
     256 tokens, 300 passes) failed at every P < 64 with N = 64 and passed at P >= 64 for
-    every N (notes/ssd.md). The masked columns cost time only for P < 64."""
+    every N (notes/ssd.md). The masked columns cost time only for P < 64 (N < 64 for BN)."""
     T = min(Q, 64)
     BP = max(64, _next_pow2(P))
-    BN = max(16, _next_pow2(N))
+    # BN likewise: with N = 16 one autotuned config of the dB kernel faulted the same way
+    # ("an illegal memory access" at batch 16 x 4096 tokens, H = 32, P = 64; session 5)
+    BN = max(64, _next_pow2(N))
     return T, BP, BN
 
 

@@ -279,3 +279,19 @@ def test_gpu_large_grid(P, N, chunk):
     torch.cuda.synchronize()
     compare(ssd_chunked, t, seq, chunk, 1e-2, 2e-2, seed,
             ref_fn=lambda *a, **k: ssd_chunked_ref(*a, **k))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a compiled-kernel fault: only a GPU can show it")
+@pytest.mark.parametrize("N", [16, 32])
+def test_gpu_small_state_reference_grid(N):
+    """The scan benchmark's SSD shape with a small state (batch 16 x 4096 tokens, H = 32,
+    P = 64, chunk 256, autotuned): with N = 16 one autotuned dB config faulted ("an illegal
+    memory access", session 5) before the N tile was padded to 64 like the P tile."""
+    seed = fresh_seed()
+    t, seq = make_inputs(16, 4096, 32, 64, N, struct="mva", D="h", z=False, init=False, seq=False,
+                         dtype=torch.bfloat16)
+    for _ in range(3):
+        run_and_grads(ssd_chunked, t, seq, 256)
+    torch.cuda.synchronize()
+    compare(ssd_chunked, t, seq, 256, 1e-2, 2e-2, seed,
+            ref_fn=lambda *a, **k: ssd_chunked_ref(*a, **k))
