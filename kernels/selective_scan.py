@@ -16,7 +16,7 @@ Backward: a program owns (one sequence, BLOCK_D channels), walks L in time block
 and, inside a block, solves the linear recurrences with ``tl.associative_scan`` over time on
 pairs (a, b) with combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2); N is walked in BLOCK_N
 slices so N up to 256 fits in registers. (The forward used this design too until session 5:
-10 ms where the walk takes about 4 at D=2048, N=16, 65,536 tokens on an H100.)
+10 ms where the walk takes 1.44 at D=2048, N=16, L=2K, 65,536 tokens on an H100.)
 
 Backward recomputes the states: the forward (when gradients are needed) keeps only the state
 at every block boundary, (batch, D, L / BLOCK_T, N) fp32; the backward walks the blocks in
@@ -41,6 +41,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_util import exp2_ftz
+
 MAX_N = 256  # largest state size N (the backward holds BLOCK_N slices; the ceiling is the brief's)
 
 
@@ -61,19 +63,6 @@ def _linear_combine(a1, b1, a2, b2):
 def _softplus(x):
     # log(1 + e^x); for x > 20 the correction is below fp32 resolution and exp would overflow.
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-
-
-@triton.jit
-def _exp2(x, FTZ: tl.constexpr):
-    # FTZ (on the GPU): the bare ex2.approx.ftz instruction. tl.exp2 compiles to ex2.approx,
-    # whose denormal handling wraps every exp in a compare and two predicated multiplies
-    # (3 of the walk's ~12 instructions per state element and step); decays below 2^-126
-    # flushing to 0 is harmless. The interpreter cannot run PTX: it takes tl.exp2.
-    if FTZ:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return tl.exp2(x)
 
 
 # The walk reads K = 8 time steps of u, delta, z as one (BLOCK_D, K) tile along contiguous memory
@@ -142,18 +131,18 @@ def _selective_scan_fwd_walk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, SAVE_ALL: tl.constexpr,
     BLOCK_D: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
-    FTZ: tl.constexpr,
 ):
     """Forward as a sequential walk over time: the state h^T (NP, BLOCK_D) stays in registers
     and advances one step at a time, one exp and three FMAs per state element and step.
 
     (The first design ran tl.associative_scan over (BLOCK_D, N, BLOCK_T) tiles: each element
     paid the scan's shuffle levels, and blocks handed their state over through global memory:
-    10 ms at D=2048, N=16, 65,536 tokens on an H100.) Per block of K steps: u, delta, z are
-    loaded as tiles and unpacked (above); delta's bias and softplus, the D skip and the gate
-    act on whole tiles. The state is stored at every BLOCK_T boundary (the backward's
-    checkpoints) when SAVE_ALL, and after the last step in every case (slot n_chunks - 1,
-    or slot 0 of a one-slot buffer without SAVE_ALL)."""
+    10 ms at D=2048, N=16, 65,536 tokens on an H100; this walk takes 1.44 ms.) Per block of
+    K steps: u, delta, z are loaded as tiles and unpacked (above); delta's bias and softplus,
+    the D skip and the gate act on whole tiles. The state is stored at every BLOCK_T boundary
+    (the backward's checkpoints; BLOCK_T is a multiple of K) when SAVE_ALL, and after the
+    last step in every case (slot n_chunks - 1, or slot 0 of a one-slot buffer without
+    SAVE_ALL)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(K == 8, "the tile unpacking (_cols8, _tile8) is written for K = 8")
     pid_b = tl.program_id(0).to(tl.int64)
@@ -205,7 +194,7 @@ def _selective_scan_fwd_walk_kernel(
         for k in tl.static_range(K):
             Bt = tl.load(B_p + (t0 + k) * s_cl)  # (NP,) rows past L: the launcher's zero
             Ct = tl.load(C_p + (t0 + k) * s_cl)  # padding up to a multiple of 16 steps
-            a = _exp2(dts[k][None, :] * A2, FTZ)  # (NP, BLOCK_D)
+            a = exp2_ftz(dts[k][None, :] * A2)  # (NP, BLOCK_D)
             if HAS_SEQ:
                 a = a * keeps[k][None, :]  # a new document starts from a zero state
             h = a * h + Bt[:, None] * dtus[k][None, :]  # (NP, BLOCK_D)
@@ -562,7 +551,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 *y.stride(), *states.stride(), *_strides(seq_idx, 2))
         kwargs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                       SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq_idx is not None, SAVE_ALL=save,
-                      BLOCK_T=BT, NP=NP, FTZ=not _interpreting())
+                      BLOCK_T=BT, NP=NP)
         _launch("fwd", dim, G, batch, N, args, kwargs)
         last_state = states[:, :, n_slots - 1]  # (batch, D, N)
         if save:

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_util import exp_ftz
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -151,8 +153,8 @@ def _ssd_state_fwd(x_ptr, B_ptr, dtp_ptr, A_ptr, seq_ptr, init_ptr, st_ptr, fin_
         dtv = tl.load(dt_base + t, mask=tm, other=0.0)  # (T,)
         cs = tl.cumsum(dtv * A, axis=0)  # (T,)
         total = tl.sum(dtv * A, axis=0)
-        w = tl.exp(total - cs) * dtv  # (T,) decay to the tile end times dt
-        decay = tl.exp(total)
+        w = exp_ftz(total - cs) * dtv  # (T,) decay to the tile end times dt
+        decay = exp_ftz(total)
         if HAS_SEQ:
             seq_last = tl.load(seq_ptr + b * ss_b + (tl.minimum(t0 + T, L) - 1) * ss_l)
             sq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
@@ -203,8 +205,8 @@ def _ssd_state_bwd(dy_ptr, C_ptr, dtp_ptr, A_ptr, seq_ptr, dfin_ptr, dst_ptr, di
         dtv = tl.load(dt_base + t, mask=tm, other=0.0)  # (T,)
         cs = tl.cumsum(dtv * A, axis=0)  # (T,)
         total = tl.sum(dtv * A, axis=0)
-        w = tl.where(tm, tl.exp(cs), 0.0)  # (T,) decay from the tile start to t
-        decay = tl.exp(total)
+        w = tl.where(tm, exp_ftz(cs), 0.0)  # (T,) decay from the tile start to t
+        decay = exp_ftz(total)
         if HAS_SEQ:
             seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(t0 - 1, 0) * ss_l)
             seq_last = tl.load(seq_ptr + b * ss_b + (tl.minimum(t0 + T, L) - 1) * ss_l)
@@ -285,7 +287,7 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
     cs_t = tl.load(cs_base + t, mask=tm, other=0.0)  # (T,)
     Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
     # (4) state -> output: tokens of the seq the incoming state belongs to
-    inter = tl.exp(cs_t)
+    inter = exp_ftz(cs_t)
     if HAS_SEQ:
         sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
         seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
@@ -312,7 +314,7 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
         if HAS_SEQ:
             sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
             keep = keep & (sq_s[None, :] == sq_t[:, None])
-        Lm = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]  # (T, T)
+        Lm = exp_ftz(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]  # (T, T)
         xs = tl.load(x_base + s[:, None] * sx_l + p[None, :] * sx_p, mask=sm[:, None] & pm[None, :], other=0.0)  # (T, BP)
         acc += _dot(CB * Lm, xs, DT, PREC)
         if HAS_D:
@@ -395,7 +397,7 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
         cs_t = tl.load(cs_base + t, mask=tm, other=0.0)
         dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
                       mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
-        inter = tl.exp(cs_t)
+        inter = exp_ftz(cs_t)
         if HAS_SEQ:
             inter = tl.where(sq_t == seq_prev, inter, 0.0)
         S = tl.load(st_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
@@ -418,7 +420,7 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
             if HAS_SEQ:
                 sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
                 keep = keep & (sq_s[None, :] == sq_t[:, None])
-            Lm = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
+            Lm = exp_ftz(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
             W = dyx * Lm  # (T, T)
             Bs = tl.load(B_base + s[:, None] * sB_l + n[None, :] * sB_n, mask=sm[:, None] & nm[None, :], other=0.0)  # (T, BN)
             acc += _dot(W, Bs, DT, PREC)
@@ -459,7 +461,7 @@ def _dx_pair(dy_ptr, cb_ptr, C_base, cs_base, seq_ptr, Bs, s, cs_s, sq_s, p, pm,
     if HAS_SEQ:
         sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
         keep = keep & (sq_t[None, :] == sq_s[:, None])
-    Mt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+    Mt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
     dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
                   mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
     return _dot(BC * Mt, dyt, DT, PREC), dyt
@@ -511,7 +513,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
         keep_u = sm
         if HAS_SEQ:
             keep_u = keep_u & (sq_s == seq_last)
-        wst = tl.exp(tl.where(keep_u, cs_last - cs_s, float("-inf")))  # (T,)
+        wst = exp_ftz(tl.where(keep_u, cs_last - cs_s, float("-inf")))  # (T,)
         st_off = ((b * nc + c) * H + h) * P * N
         dS_T = tl.load(dst_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)  # (BN, BP)
         dstate = _dot(Bs, dS_T, DT, PREC) * wst[:, None]  # (T, BP)
@@ -540,7 +542,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
         if sb == 0:
             # exp(cs_last) <dS_end, S_prev>: the state carried through the whole chunk
             S_T = tl.load(st_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)
-            sc = tl.exp(cs_last) * tl.sum(tl.sum(S_T.to(tl.float32) * dS_T.to(tl.float32), axis=1), axis=0)
+            sc = exp_ftz(cs_last) * tl.sum(tl.sum(S_T.to(tl.float32) * dS_T.to(tl.float32), axis=1), axis=0)
             if HAS_SEQ:
                 sc = tl.where(seq_last == seq_prev, sc, 0.0)
             tl.store(scal_ptr + (b * H + h) * nc + c, sc)
@@ -588,7 +590,7 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
         keep_u = sm
         if HAS_SEQ:
             keep_u = keep_u & (sq_s == seq_last)
-        wst = tl.exp(tl.where(keep_u, cs_last - cs_s, float("-inf")))
+        wst = exp_ftz(tl.where(keep_u, cs_last - cs_s, float("-inf")))
         dS = tl.load(dst_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                      mask=pm[:, None] & nm[None, :], other=0.0)  # (BP, BN)
         # dt_s (and the decay to the chunk end) scale the rows of x and of x.dy before the
@@ -605,7 +607,7 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
             if HAS_SEQ:
                 sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
                 keep = keep & (sq_t[None, :] == sq_s[:, None])
-            Mt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+            Mt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
             Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
             acc += _dot(xdy * (Mt * dt_s[:, None]), Ct, DT, PREC)
     o = dB_ptr + (b * L + s[:, None]) * ((H // HPB) * N) + gb * N + n[None, :]
