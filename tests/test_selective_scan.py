@@ -144,6 +144,12 @@ def test_scan_grouped_odd_channels_per_group(poison):
     check(inputs, True, None, torch.float32)
 
 
+def test_scan_state_not_power_of_two(poison):
+    # N = 5: the forward walk pads B and C to NP = 8 states with zeros and masks A
+    inputs = make_inputs(2, 4, LENGTHS[-1], 5, G=2)
+    check(inputs, True, random_seq_idx(2, LENGTHS[-1]), torch.float32)
+
+
 def test_scan_channel_last_strides(poison):
     inputs = make_inputs(2, 4, LENGTHS[-1], 16, channel_last=True)
     assert not inputs[0].is_contiguous()
