@@ -322,23 +322,51 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, seq_idx=None):
     return out
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, impl="auto"):
+def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, impl="auto", channel_last=False):
     """Causal depthwise conv1d. x (batch, D, L) (channel-last strides welcome), weight (D, W) or
     (D, 1, W) with W in 2..4, bias (D,), activation None or "silu", seq_idx (batch, L) int32.
 
     impl: "triton" (fused kernels; CUDA or TRITON_INTERPRET=1), "torch" (F.conv1d path) or
     "auto" (AUTO_IMPL on CUDA, the torch path elsewhere). Returns (batch, D, L) in x's dtype.
+
+    channel_last=True: x is (batch, L, D) (as a projection's output slices it) and so is the
+    result. The transposes then happen inside the autograd Function, out of torch.compile's
+    sight: when the model passed ``x.transpose(1, 2)`` itself, the compiled graph ended in that
+    transposed view and AOTAutograd made the gradient coming back through it contiguous in
+    (batch, D, L): a transposing copy per layer (5.1 ms of a Mamba-2 training step on the H100,
+    16K tokens, 24 layers; results/h100/session6).
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
+    if channel_last:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x: expected (batch, L, D) with channel_last=True, got {getattr(x, 'shape', type(x))}")
+        x = x.transpose(1, 2)  # (batch, D, L) view
     weight = _check(x, weight, bias, activation, seq_idx)
     if impl == "auto":
         impl = AUTO_IMPL if x.is_cuda else "torch"
     if impl == "torch":
-        return causal_conv1d_ref(x, weight, bias, activation, seq_idx)
+        out = causal_conv1d_ref(x, weight, bias, activation, seq_idx)  # (batch, D, L)
+        return out.transpose(1, 2) if channel_last else out
     if not (x.is_cuda or _interpreting()):
         raise ValueError("impl: 'triton' needs CUDA tensors or TRITON_INTERPRET=1")
+    if channel_last:
+        return _CausalConv1dChannelLastFn.apply(x.transpose(1, 2), weight, bias, activation in ("silu", "swish"), seq_idx)
     return CausalConv1dFn.apply(x, weight, bias, activation in ("silu", "swish"), seq_idx)
+
+
+class _CausalConv1dChannelLastFn(torch.autograd.Function):
+    """CausalConv1dFn on a (batch, L, D) tensor: the same kernels through transposed views."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, seq_idx):
+        out = CausalConv1dFn.forward(ctx, x.transpose(1, 2), weight, bias, silu, seq_idx)  # (batch, D, L)
+        return out.transpose(1, 2)  # (batch, L, D); contiguous when x's rows are
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx, dw, db, _, _ = CausalConv1dFn.backward(ctx, dout.transpose(1, 2))
+        return dx.transpose(1, 2), dw, db, None, None
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):

@@ -67,13 +67,13 @@ class SequenceLM(L.LightningModule):
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)
 
-    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch.get("seq_idx"))  # (batch, L, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
-        return loss, logits
+    def _loss(self, batch) -> torch.Tensor:
+        # the model computes the loss itself, so a compiled model fuses it (LanguageModel.forward)
+        return self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"],
+                          ignore_index=IGNORE)
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self._loss(batch)
+        loss = self._loss(batch)
         if not torch.isfinite(loss):
             raise DivergedError(self.global_step, float(loss))
         # summed over the micro-batches of one optimizer step (gradient accumulation); this

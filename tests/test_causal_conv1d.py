@@ -119,6 +119,36 @@ def test_seq_idx_equals_separate_sequences():
         assert rel_err(y, parts) < 1e-5, impl
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("use_seq", [False, True])
+def test_channel_last_entry(impl, use_seq, poison):
+    # channel_last=True takes and returns (batch, L, D): a slice of a wider projection output,
+    # as the models pass it; same values and gradients as the (batch, D, L) call, and the
+    # gradient of the slice comes back as a contiguous (batch, L, D) tensor (the layout a
+    # compiled graph expects, so it adds no copy)
+    batch, dim, W = 2, 24, 4
+    L = L_TEST
+    proj = torch.randn(batch, L, 3 * dim, device=DEVICE, requires_grad=True)  # (batch, L, 3D)
+    w, b = torch.randn(dim, W, device=DEVICE) / W, torch.randn(dim, device=DEVICE)
+    seq = random_seq_idx(batch, L) if use_seq else None
+    x = proj[..., dim:2 * dim]  # (batch, L, D), rows of stride 3D
+    y = causal_conv1d(x, w, b, "silu", seq, impl=impl, channel_last=True)  # (batch, L, D)
+    assert y.shape == (batch, L, dim)
+    if impl == "triton":  # the kernel writes the channel-last layout it was given (F.conv1d does not)
+        assert y.is_contiguous()
+    xr = proj.detach().double()[..., dim:2 * dim].transpose(1, 2).requires_grad_(True)  # (batch, D, L)
+    yr = causal_conv1d_ref(xr, w.double(), b.double(), "silu", seq)  # (batch, D, L)
+    assert rel_err(y.detach().transpose(1, 2), yr.detach()) < 1e-5
+    gy = torch.randn(batch, L, dim, device=DEVICE, dtype=torch.float64)  # (batch, L, D)
+    (gx,) = torch.autograd.grad((y.double() * gy).sum(), [x])
+    (gxr,) = torch.autograd.grad((yr * gy.transpose(1, 2)).sum(), [xr])
+    assert rel_err(gx.transpose(1, 2), gxr) < 1e-5
+    if impl == "triton":
+        assert gx.is_contiguous()
+    with pytest.raises(ValueError, match="x: expected"):
+        causal_conv1d(x[0], w, b, channel_last=True, impl=impl)
+
+
 @pytest.mark.parametrize("state_width", ["W-1", "W"])
 @pytest.mark.parametrize("W", [2, 4])
 def test_update_matches_full_conv(W, state_width):

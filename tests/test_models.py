@@ -54,6 +54,24 @@ def test_packed_documents_are_isolated(name):
     torch.testing.assert_close(y, alone)
 
 
+@pytest.mark.parametrize("name", ["transformerpp", "mamba2"])
+def test_forward_with_labels_is_the_mean_cross_entropy(name):
+    """forward(..., labels) (the trainer's fused loss) = cross-entropy of forward's logits over
+    the labelled tokens, with the same gradients; padded vocabulary rows never count."""
+    model = TINY[name]().double()
+    x = torch.randint(0, V, (3, 17))
+    labels = torch.randint(0, V, (3, 17))
+    labels[0, :5] = -100  # ignored (e.g. the prompt of a synthetic task)
+    loss = model(x, labels=labels)
+    (g,) = torch.autograd.grad(loss, [model.embedding.weight])
+    logits = model(x)  # (3, 17, V)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    (gr,) = torch.autograd.grad(ref, [model.embedding.weight])
+    assert loss.shape == () and model.padded_vocab >= V
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, gr)
+
+
 def test_transformerpp_param_count_and_flops():
     m = TransformerPP(50280, d_model=768, n_layers=12, n_heads=12)
     # embedding (tied) + 12 x (attention 4 d^2 + SwiGLU 3 * d * 2048 + 2 norms) + final norm

@@ -299,9 +299,9 @@ class BaseConv(nn.Module):
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)  # (batch, L, d_inner) each
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
-        c = causal_conv1d(u1.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias,
-                          seq_idx=seq_idx, impl=self.impl)  # (batch, d_inner, L), channel-last view
-        return self.out_proj(c.transpose(1, 2) * u2)  # (batch, L, d_model)
+        c = causal_conv1d(u1, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx=seq_idx,
+                          impl=self.impl, channel_last=True)  # (batch, L, d_inner)
+        return self.out_proj(c * u2)  # (batch, L, d_model)
 
     def allocate_state(self, batch, device=None, dtype=torch.float32):
         return torch.zeros(batch, self.d_inner, self.k - 1, device=device, dtype=dtype)  # (batch, d_inner, k-1)

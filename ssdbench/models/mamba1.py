@@ -108,10 +108,11 @@ class Mamba1Mixer(nn.Module):
 
     # ---- kernels by impl ---------------------------------------------------------------------
     def _conv(self, x, seq_idx):
-        """x (batch, D, L) -> silu(conv(x)) (batch, D, L)."""
-        # the conv's own auto already means: Triton (AUTO_IMPL) on CUDA, F.conv1d elsewhere
+        """x (batch, L, D) -> silu(conv(x)) (batch, L, D)."""
+        # the conv's own auto already means: Triton (AUTO_IMPL) on CUDA, F.conv1d elsewhere;
+        # channel_last: no transposed view at a torch.compile graph edge (see causal_conv1d)
         return causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu",
-                             seq_idx=seq_idx, impl=self.impl)
+                             seq_idx=seq_idx, impl=self.impl, channel_last=True)
 
     def _scan(self, x, *args, **kwargs):
         # auto: the Triton kernel on CUDA, the reference elsewhere (the interpreter is far
@@ -131,15 +132,15 @@ class Mamba1Mixer(nn.Module):
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         batch, L, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, L, D) each
-        x = self._conv(x.transpose(1, 2), seq_idx)  # (batch, D, L), layout of the input view
+        x = self._conv(x, seq_idx)  # (batch, L, D)
         if self.selective:
-            dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.R, self.N, self.N], dim=-1)
+            dt, B, C = torch.split(self.x_proj(x), [self.R, self.N, self.N], dim=-1)
             # delta without its bias: the kernel adds dt_proj.bias and applies softplus in fp32
             delta = F.linear(dt, self.dt_proj.weight)  # (batch, L, D)
         else:  # the same shapes, constant over batch and time (the kernels take any strides)
             delta, B, C = self._lti_params(batch, L)  # (batch, L, D), (batch, L, N) x2
         A = self._A()  # (D, N)
-        y = self._scan(x, delta.transpose(1, 2), A,
+        y = self._scan(x.transpose(1, 2), delta.transpose(1, 2), A,
                        B.transpose(1, 2), C.transpose(1, 2),  # (batch, N, L) each
                        D=self.D, z=z.transpose(1, 2), delta_bias=self.dt_proj.bias,
                        delta_softplus=True, seq_idx=seq_idx)  # (batch, D, L)

@@ -98,9 +98,10 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         batch, L, _ = u.shape
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.H], dim=-1)
-        # the conv reads (batch, channels, L): a transposed view, no copy on the Triton path
-        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, activation="silu",
-                            seq_idx=seq_idx, impl="torch" if self.impl == "torch" else "auto").transpose(1, 2)
+        # channel-last conv on the projection's slice: no copy, and no transposed view at the
+        # edge of a torch.compile graph (whose gradient AOTAutograd would copy)
+        xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx,
+                            impl="torch" if self.impl == "torch" else "auto", channel_last=True)  # (batch, L, conv_dim)
         x, B, C = torch.split(xBC, self.splits[1:4], dim=-1)
         x = x.reshape(batch, L, self.Hx, self.P)  # (batch, L, Hx, P)
         B = B.reshape(batch, L, self.Gb, self.N)  # (batch, L, Gb, N)
