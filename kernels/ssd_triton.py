@@ -4,7 +4,8 @@ Layout of the work (Mamba-2 paper §6; symbols: Q chunk, T = min(Q, 64) the tile
 chunk, P head dim, N state size, H heads; x, B, C carry their own group counts Hx, Gb, Gc):
 
 forward
-  _ssd_dt_fwd      dt -> dt' = clamp(softplus(dt + bias)), chunk-local cumsum cs of dt' A.
+  _ssd_dt_fwd      dt -> dt' = clamp(softplus(dt + bias)), chunk-local cumsum cs of dt' A
+                   (stored in log2 units, cs log2 e: the chunk kernels' decays are 2^(cs_t - cs_s)).
   _ssd_state_fwd   steps (2)+(3): one program per (batch, head, P-tile, N-tile) walks the row
                    in T-token tiles with the state in registers, S <- exp(sum dA) S + (dt x)^T B,
                    writing S at every chunk start (the checkpoints) and at the end (final).
@@ -41,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import exp_ftz
+from .triton_util import exp2_ftz, exp_ftz
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -106,7 +107,9 @@ def _ssd_dt_fwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, cs_ptr,
         v = tl.minimum(tl.maximum(v, lo), hi)
     v = tl.where(m, v, 0.0)  # padded steps: dt' = 0, decay 1, no input
     A = tl.load(A_ptr + h, mask=h < H, other=0.0).to(tl.float32)  # (BH,)
-    cs = tl.cumsum(v * A[None, :], axis=0)  # (Q, BH)
+    # cs in log2 units (log2 e folded into A once): the chunk kernels take 2^(cs_t - cs_s)
+    # with one subtraction per element of their T x T decay tiles, no multiply
+    cs = tl.cumsum(v * (A * 1.4426950408889634)[None, :], axis=0)  # (Q, BH)
     off = (b * H + h[None, :]) * L + t[:, None]  # (Q, BH) into (batch, H, L)
     tl.store(dtp_ptr + off, v, mask=m)
     tl.store(cs_ptr + off, cs, mask=m)
@@ -287,7 +290,7 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
     cs_t = tl.load(cs_base + t, mask=tm, other=0.0)  # (T,)
     Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
     # (4) state -> output: tokens of the seq the incoming state belongs to
-    inter = exp_ftz(cs_t)
+    inter = exp2_ftz(cs_t)
     if HAS_SEQ:
         sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
         seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
@@ -310,11 +313,17 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
         else:
             B_T = tl.load(B_base + s[None, :] * sB_l + n[:, None] * sB_n, mask=sm[None, :] & nm[:, None], other=0.0)  # (BN, T)
             CB = _dot(Ct, B_T, DT, PREC)  # (T, T)
-        keep = (s[None, :] <= t[:, None]) & sm[None, :]
+        seg = cs_t[:, None] - cs_s[None, :]  # (T, T) log2 decay from s to t
         if HAS_SEQ:
             sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
-            keep = keep & (sq_s[None, :] == sq_t[:, None])
-        Lm = exp_ftz(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]  # (T, T)
+            keep = (s[None, :] <= t[:, None]) & sm[None, :] & (sq_s[None, :] == sq_t[:, None])
+            seg = tl.where(keep, seg, float("-inf"))
+        elif sb == tb:
+            # only the diagonal tile needs the causal mask: in an earlier s-tile every s < t
+            # (and s < L wherever t < L; rows t >= L are not stored), so those tiles skip the
+            # compare and select per element
+            seg = tl.where(s[None, :] <= t[:, None], seg, float("-inf"))
+        Lm = exp2_ftz(seg) * dt_s[None, :]  # (T, T)
         xs = tl.load(x_base + s[:, None] * sx_l + p[None, :] * sx_p, mask=sm[:, None] & pm[None, :], other=0.0)  # (T, BP)
         acc += _dot(CB * Lm, xs, DT, PREC)
         if HAS_D:
@@ -397,7 +406,7 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
         cs_t = tl.load(cs_base + t, mask=tm, other=0.0)
         dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
                       mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
-        inter = exp_ftz(cs_t)
+        inter = exp2_ftz(cs_t)
         if HAS_SEQ:
             inter = tl.where(sq_t == seq_prev, inter, 0.0)
         S = tl.load(st_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
@@ -420,7 +429,7 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
             if HAS_SEQ:
                 sq_s = tl.load(seq_ptr + b * ss_b + s * ss_l, mask=sm, other=0)
                 keep = keep & (sq_s[None, :] == sq_t[:, None])
-            Lm = exp_ftz(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
+            Lm = exp2_ftz(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
             W = dyx * Lm  # (T, T)
             Bs = tl.load(B_base + s[:, None] * sB_l + n[None, :] * sB_n, mask=sm[:, None] & nm[None, :], other=0.0)  # (T, BN)
             acc += _dot(W, Bs, DT, PREC)
@@ -461,7 +470,7 @@ def _dx_pair(dy_ptr, cb_ptr, C_base, cs_base, seq_ptr, Bs, s, cs_s, sq_s, p, pm,
     if HAS_SEQ:
         sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
         keep = keep & (sq_t[None, :] == sq_s[:, None])
-    Mt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+    Mt = exp2_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
     dyt = tl.load(dy_ptr + b * sy_b + h * sy_h + t[:, None] * sy_l + p[None, :] * sy_p,
                   mask=tm[:, None] & pm[None, :], other=0.0)  # (T, BP)
     return _dot(BC * Mt, dyt, DT, PREC), dyt
@@ -513,7 +522,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
         keep_u = sm
         if HAS_SEQ:
             keep_u = keep_u & (sq_s == seq_last)
-        wst = exp_ftz(tl.where(keep_u, cs_last - cs_s, float("-inf")))  # (T,)
+        wst = exp2_ftz(tl.where(keep_u, cs_last - cs_s, float("-inf")))  # (T,)
         st_off = ((b * nc + c) * H + h) * P * N
         dS_T = tl.load(dst_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)  # (BN, BP)
         dstate = _dot(Bs, dS_T, DT, PREC) * wst[:, None]  # (T, BP)
@@ -542,7 +551,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
         if sb == 0:
             # exp(cs_last) <dS_end, S_prev>: the state carried through the whole chunk
             S_T = tl.load(st_ptr + st_off + p[None, :] * N + n[:, None], mask=pm[None, :] & nm[:, None], other=0.0)
-            sc = exp_ftz(cs_last) * tl.sum(tl.sum(S_T.to(tl.float32) * dS_T.to(tl.float32), axis=1), axis=0)
+            sc = exp2_ftz(cs_last) * tl.sum(tl.sum(S_T.to(tl.float32) * dS_T.to(tl.float32), axis=1), axis=0)
             if HAS_SEQ:
                 sc = tl.where(seq_last == seq_prev, sc, 0.0)
             tl.store(scal_ptr + (b * H + h) * nc + c, sc)
@@ -590,7 +599,7 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
         keep_u = sm
         if HAS_SEQ:
             keep_u = keep_u & (sq_s == seq_last)
-        wst = exp_ftz(tl.where(keep_u, cs_last - cs_s, float("-inf")))
+        wst = exp2_ftz(tl.where(keep_u, cs_last - cs_s, float("-inf")))
         dS = tl.load(dst_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                      mask=pm[:, None] & nm[None, :], other=0.0)  # (BP, BN)
         # dt_s (and the decay to the chunk end) scale the rows of x and of x.dy before the
@@ -607,7 +616,7 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
             if HAS_SEQ:
                 sq_t = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=tm, other=0)
                 keep = keep & (sq_t[None, :] == sq_s[:, None])
-            Mt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+            Mt = exp2_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
             Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
             acc += _dot(xdy * (Mt * dt_s[:, None]), Ct, DT, PREC)
     o = dB_ptr + (b * L + s[:, None]) * ((H // HPB) * N) + gb * N + n[None, :]
