@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -149,10 +150,9 @@ def run_case(arch: str, L: int, tokens: int, steps: int, warmup: int, compile_: 
                    peak_mem_gb=r["peak_mem_gb"], status="ok")
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom")
-    except RuntimeError as e:  # e.g. an operation that CUDA-graph capture refuses: say which
-        if not cuda_graph:
-            raise
-        row.update(status=f"capture failed: {str(e).splitlines()[0][:120]}")
+    except Exception as e:  # noqa: BLE001 - a failing case (compile, capture) must not end the table
+        traceback.print_exc()
+        row.update(status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
     finally:
         del model
         torch.cuda.empty_cache()
