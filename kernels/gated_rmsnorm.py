@@ -1,0 +1,199 @@
+"""Fused gated RMSNorm (Mamba-2's output norm), Triton forward and backward.
+
+For a row x of width d, gate z, weight w and group size g (dividing d):
+    v = x * silu(z);  per group of g channels rstd = 1 / sqrt(mean(v^2) + eps);  out = v * rstd * w
+all in fp32, out in x's dtype (what ``ssdbench.models.layers.GatedRMSNorm`` computes in PyTorch).
+
+The forward reads x and z once and writes out plus rstd (fp32, one per row and group). The
+backward recomputes v from x and z (cheaper than saving it) and writes dx, dz and per-program
+fp32 partial sums of dout * v * rstd, summed in PyTorch: deterministic, no atomics. A row tile
+is held as (rows, groups, channels) so each group's reductions are a sum over the last axis;
+group size d gives (rows, 1, next_pow2(d)).
+float64 inputs, and CPU tensors unless TRITON_INTERPRET=1, go to ``gated_rms_norm_ref``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+import triton
+import triton.language as tl
+
+_MAX_WIDTH = 32768  # wider rows would not fit in registers: the PyTorch path takes them
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _tile_offsets(G: tl.constexpr, NG: tl.constexpr, BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Channel index and mask of the (BLOCK_NG, BLOCK_G) group x channel layout of a row."""
+    gi = tl.arange(0, BLOCK_NG)  # (BLOCK_NG,)
+    ci = tl.arange(0, BLOCK_G)  # (BLOCK_G,)
+    cols = gi[:, None] * G + ci[None, :]  # (BLOCK_NG, BLOCK_G)
+    cmask = (gi[:, None] < NG) & (ci[None, :] < G)  # (BLOCK_NG, BLOCK_G)
+    return gi, cols, cmask
+
+
+@triton.jit
+def _gated_rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, o_ptr, rstd_ptr, n_rows, s_x, s_z, s_o, eps,
+                              G: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
+    gi, cols, cmask = _tile_offsets(G, NG, BLOCK_NG, BLOCK_G)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    r = rows.to(tl.int64)[:, None, None]  # (BLOCK_R, 1, 1); int64: rows * stride may pass 2^31
+    mask = (rows < n_rows)[:, None, None] & cmask[None, :, :]  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+    x = tl.load(x_ptr + r * s_x + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+    z = tl.load(z_ptr + r * s_z + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_NG, BLOCK_G)
+    v = x * z * tl.sigmoid(z)  # masked lanes are 0 and add nothing to the sums
+    rstd = tl.rsqrt(tl.sum(v * v, axis=2) / G + eps)  # (BLOCK_R, BLOCK_NG)
+    out = v * rstd[:, :, None] * w[None, :, :]  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+    tl.store(o_ptr + r * s_o + cols[None, :, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    rmask = (rows < n_rows)[:, None] & (gi < NG)[None, :]  # (BLOCK_R, BLOCK_NG)
+    tl.store(rstd_ptr + rows.to(tl.int64)[:, None] * NG + gi[None, :], rstd, mask=rmask)
+
+
+@triton.jit
+def _gated_rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, do_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr,
+                              n_rows, tiles_per_prog, s_x, s_z, s_do, s_dx, s_dz,
+                              G: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
+    gi, cols, cmask = _tile_offsets(G, NG, BLOCK_NG, BLOCK_G)
+    pid = tl.program_id(0)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_NG, BLOCK_G)
+    dw_acc = tl.zeros([BLOCK_NG, BLOCK_G], dtype=tl.float32)  # this program's share of dweight
+    for i in range(tiles_per_prog):  # several row tiles per program: fewer dweight partials
+        rows = (pid * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        r = rows.to(tl.int64)[:, None, None]  # (BLOCK_R, 1, 1)
+        mask = (rows < n_rows)[:, None, None] & cmask[None, :, :]  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+        x = tl.load(x_ptr + r * s_x + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+        z = tl.load(z_ptr + r * s_z + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + r * s_do + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        rmask = (rows < n_rows)[:, None] & (gi < NG)[None, :]  # (BLOCK_R, BLOCK_NG)
+        rstd = tl.load(rstd_ptr + rows.to(tl.int64)[:, None] * NG + gi[None, :], mask=rmask, other=0.0)
+        sig = tl.sigmoid(z)
+        silu = z * sig
+        u = x * silu * rstd[:, :, None]  # normalised v; 0 on masked lanes and rows
+        gw = do * w[None, :, :]  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+        mean_gu = tl.sum(gw * u, axis=2) / G  # (BLOCK_R, BLOCK_NG)
+        dv = rstd[:, :, None] * (gw - u * mean_gu[:, :, None])  # (BLOCK_R, BLOCK_NG, BLOCK_G)
+        dx = dv * silu
+        dz = dv * x * sig * (1.0 + z * (1.0 - sig))  # d silu(z)/dz = sig * (1 + z (1 - sig))
+        tl.store(dx_ptr + r * s_dx + cols[None, :, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + r * s_dz + cols[None, :, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(do * u, axis=0)  # (BLOCK_NG, BLOCK_G)
+    tl.store(dw_ptr + pid.to(tl.int64) * (G * NG) + cols, dw_acc, mask=cmask)
+
+
+def _check(x, z, weight, eps, group_size) -> int:
+    """Validate the arguments; returns the group size."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x: expected a floating-point tensor (..., d), got {getattr(x, 'dtype', type(x))}")
+    d = x.shape[-1]
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        raise ValueError(f"z: expected a floating-point tensor, got {getattr(z, 'dtype', type(z))}")
+    if z.shape != x.shape:
+        raise ValueError(f"z: shape {tuple(z.shape)} differs from x's {tuple(x.shape)}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise ValueError(f"weight: expected a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
+    if weight.shape != (d,):
+        raise ValueError(f"weight: expected shape ({d},), got {tuple(weight.shape)}")
+    for name, t in (("z", z), ("weight", weight)):
+        if t.device != x.device:
+            raise ValueError(f"{name}: on device {t.device} but x is on {x.device}")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
+    g = d if group_size is None else group_size
+    if not isinstance(g, int) or g < 1 or d % g:
+        raise ValueError(f"group_size: expected a positive divisor of d={d}, got {group_size!r}")
+    return g
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _rows2d(t: torch.Tensor, d: int) -> torch.Tensor:
+    """(rows, d) view of t (a copy only where the leading dims cannot be flattened) with unit
+    channel stride; rows may keep a stride > d (a column slice of a wider projection)."""
+    t = t.reshape(-1, d)
+    return t if t.stride(1) == 1 or d == 1 else t.contiguous()
+
+
+class _GatedRMSNormFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, g):
+        d = x.shape[-1]
+        x2, z2 = _rows2d(x, d), _rows2d(z, d)  # (rows, d)
+        rows, ng = x2.shape[0], d // g
+        out = torch.empty((rows, d), device=x.device, dtype=x.dtype)  # (rows, d)
+        rstd = torch.empty((rows, ng), device=x.device, dtype=torch.float32)  # (rows, groups)
+        block_r, warps = _config(d, bwd=False)
+        if rows:
+            _gated_rmsnorm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+                x2, z2, weight, out, rstd, rows, x2.stride(0), z2.stride(0), out.stride(0), float(eps),
+                G=g, NG=ng, BLOCK_R=block_r, BLOCK_NG=triton.next_power_of_2(ng),
+                BLOCK_G=triton.next_power_of_2(g), num_warps=warps)
+        ctx.save_for_backward(x2, z2, weight, rstd)
+        ctx.g, ctx.x_shape = g, x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, z2, weight, rstd = ctx.saved_tensors
+        g, (rows, d) = ctx.g, x2.shape
+        ng = d // g
+        do2 = _rows2d(dout, d)  # (rows, d)
+        dx = torch.empty((rows, d), device=x2.device, dtype=x2.dtype)  # (rows, d)
+        dz = torch.empty((rows, d), device=x2.device, dtype=z2.dtype)  # (rows, d)
+        block_r, warps = _config(d, bwd=True)
+        n_tiles = triton.cdiv(rows, block_r)
+        # a few programs per SM, each looping over row tiles: dweight partials stay (n_prog, d)
+        max_prog = 3 if _interpreting() else 2 * _sm_count(x2.device.index)
+        tiles_per_prog = max(1, triton.cdiv(n_tiles, max_prog))
+        n_prog = triton.cdiv(n_tiles, tiles_per_prog)  # every program gets >= 1 tile
+        dw_part = torch.empty((n_prog, d), device=x2.device, dtype=torch.float32)  # (programs, d)
+        if rows:
+            _gated_rmsnorm_bwd_kernel[(n_prog,)](
+                x2, z2, weight, do2, rstd, dx, dz, dw_part, rows, tiles_per_prog,
+                x2.stride(0), z2.stride(0), do2.stride(0), dx.stride(0), dz.stride(0),
+                G=g, NG=ng, BLOCK_R=block_r, BLOCK_NG=triton.next_power_of_2(ng),
+                BLOCK_G=triton.next_power_of_2(g), num_warps=warps)
+        dw = dw_part.sum(0).to(weight.dtype)  # (d,); zeros when there are no rows
+        return dx.view(ctx.x_shape), dz.view(ctx.x_shape), dw, None, None
+
+
+def _config(d: int, bwd: bool) -> tuple[int, int]:
+    """(rows per tile, num_warps) from the row width: tiles of about 4K (forward) or 2K
+    (backward, which holds more live values) fp32 elements, 8 warps for rows wider than 2048."""
+    if _interpreting():
+        return 2, 1  # small tiles so tests cross tile boundaries with few rows
+    width = triton.next_power_of_2(d)
+    return max(1, min(16, (2048 if bwd else 4096) // width)), (4 if width <= 2048 else 8)
+
+
+def gated_rms_norm_ref(x, z, weight, eps=1e-5, group_size=None):
+    """Plain-PyTorch gated RMSNorm (differentiable): fp32 math (float64 if any input is
+    float64), result in x's dtype."""
+    g = _check(x, z, weight, eps, group_size)
+    ct = torch.float64 if torch.float64 in (x.dtype, z.dtype, weight.dtype) else torch.float32
+    v = (x.to(ct) * F.silu(z.to(ct))).unflatten(-1, (-1, g))  # (..., groups, g)
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+    return (v.flatten(-2) * weight.to(ct)).to(x.dtype)
+
+
+def gated_rms_norm(x, z, weight, eps=1e-5, group_size=None):
+    """Gated RMSNorm: norm(x * silu(z)) * weight per group of ``group_size`` channels (None: all
+    of d). x, z (..., d), rows may be strided; weight (d,). Returns x's shape and dtype."""
+    g = _check(x, z, weight, eps, group_size)
+    if (torch.float64 in (x.dtype, z.dtype, weight.dtype) or x.shape[-1] > _MAX_WIDTH
+            or not (x.is_cuda or _interpreting())):
+        return gated_rms_norm_ref(x, z, weight, eps, g)
+    return _GatedRMSNormFn.apply(x, z, weight, float(eps), g)

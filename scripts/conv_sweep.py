@@ -1,0 +1,58 @@
+"""Time the causal-conv backward kernels at Mamba-2 training's shape over tile choices (GPU).
+
+    python scripts/conv_sweep.py [--batch 8] [--L 2048] [--dim 1792] [--row 3352]
+
+x is a channel-last slice of a (batch, L, row) projection output, as Mamba-2 passes it.
+Prints ms per call of _causal_conv1d_bwd_g_kernel for each (BLOCK_D, BLOCK_L, TILES,
+num_warps), and the autotuned forward/backward of CausalConv1dFn for comparison.
+"""
+import argparse
+import itertools
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from ssdbench.kernels import causal_conv1d as cc
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--L", type=int, default=2048)
+ap.add_argument("--dim", type=int, default=1792)
+ap.add_argument("--row", type=int, default=3352)
+a = ap.parse_args()
+dev, W = "cuda", 4
+proj = torch.randn(a.batch, a.L, a.row, device=dev, dtype=torch.bfloat16)
+x = proj[..., :a.dim].transpose(1, 2)  # (batch, D, L) channel-last view
+w = torch.randn(a.dim, W, device=dev) / W
+bias = torch.randn(a.dim, device=dev)
+dout = torch.randn(a.batch, a.L, a.dim, device=dev, dtype=torch.bfloat16).transpose(1, 2)  # contiguous (batch, L, D)
+
+xr = x.detach().requires_grad_(True)
+y = cc.causal_conv1d(xr, w, bias, "silu", impl="triton")
+fwd = do_bench(lambda: cc.causal_conv1d(x, w, bias, "silu", impl="triton"))
+bwd = do_bench(lambda: torch.autograd.grad(y, xr, dout, retain_graph=True))
+print(f"autotuned: fwd {fwd * 1e3:.1f} us, bwd (g + dx + sums) {bwd * 1e3:.1f} us")
+
+rows = []
+for bd, bl, tiles, nw in itertools.product((32, 64, 128), (16, 32, 64), (1, 2, 4, 8), (4, 8)):
+    n_l = triton.cdiv(a.L, bl * tiles)
+    g = torch.empty(a.batch, a.L, a.dim, device=dev, dtype=torch.float32)
+    dw = torch.empty(a.batch, n_l, a.dim, 4, device=dev, dtype=torch.float32)
+    db = torch.empty(a.batch, n_l, a.dim, device=dev, dtype=torch.float32)
+    args = (x, w, bias, x, dout, g, dw, db, a.dim, a.L, n_l, *x.stride(), *w.stride(), *dout.stride(), 0, 0)
+
+    def run():
+        cc._causal_conv1d_bwd_g_kernel[(a.batch, n_l, triton.cdiv(a.dim, bd))](
+            *args, W=W, WP=4, HAS_BIAS=True, SILU=True, HAS_SEQ=False, TILES=tiles,
+            BLOCK_D=bd, BLOCK_L=bl, num_warps=nw)
+    try:
+        rows.append((do_bench(run) * 1e3, bd, bl, tiles, nw))
+    except Exception as e:  # noqa: BLE001 - a config that does not compile (registers, smem)
+        print("skip", bd, bl, tiles, nw, type(e).__name__)
+rows.sort()
+print("bwd_g us, BLOCK_D, BLOCK_L, TILES, num_warps (current rule: BLOCK_L 64, TILES 8)")
+for r in rows[:12]:
+    print("%.1f %d %d %d %d" % r)
+cur = [r for r in rows if r[2] == 64 and r[3] == 8]
+print("current-rule configs:", ["%.1f(%d,%d)" % (r[0], r[1], r[4]) for r in cur])

@@ -1,0 +1,147 @@
+"""Fused gated RMSNorm: Triton kernels vs. the float64 PyTorch reference, forward and gradients
+of x, z and weight; the model layer it replaces; fallbacks; input checking."""
+import random
+
+import pytest
+import torch
+
+from conftest import DEVICE, rel_err
+from ssdbench.kernels import gated_rmsnorm as gr
+from ssdbench.kernels.gated_rmsnorm import gated_rms_norm, gated_rms_norm_ref
+from ssdbench.models.layers import GatedRMSNorm
+
+ON_GPU = DEVICE == "cuda"
+# Interpreter tiles are 2 rows and the backward runs at most 3 programs looping over tiles:
+# odd row counts leave a half tile, and 10 rows give a program a tile past the end.
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    s = random.randrange(2**31)
+    print(f"random seed {s}")
+    torch.manual_seed(s)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Outputs the kernels leave unwritten are NaN, which fails every comparison."""
+    empty = torch.empty
+
+    def nan_empty(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(gr.torch, "empty", nan_empty)
+
+
+def check(lead, d, g, dtype=torch.float32, sliced=False, z_dtype=None):
+    """x, z (*lead, d) in dtype (z in z_dtype if given); sliced: both are column slices of one
+    wider (*lead, 3d) tensor, rows of stride 3d."""
+    z_dtype = z_dtype or dtype
+    if sliced:
+        wide = torch.randn(*lead, 3 * d, device=DEVICE).to(dtype)  # (*lead, 3d)
+        x, z = wide[..., d:2 * d], wide[..., 2 * d:].to(z_dtype)  # (*lead, d), row stride 3d
+        assert x.stride(-2) == 3 * d
+    else:
+        x = torch.randn(*lead, d, device=DEVICE).to(dtype)  # (*lead, d)
+        z = torch.randn(*lead, d, device=DEVICE).to(z_dtype)
+    w = 1 + 0.5 * torch.randn(d, device=DEVICE)  # (d,) fp32
+    ins = [t.detach().requires_grad_(True) for t in (x, z, w)]  # detach keeps the strides
+    refs = [t.detach().double().requires_grad_(True) for t in (x, z, w)]
+    y = gated_rms_norm(*ins, eps=1e-5, group_size=g)
+    yr = gated_rms_norm_ref(*refs, eps=1e-5, group_size=g)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = TOL[dtype]
+    assert rel_err(y.detach(), yr.detach()) < tol
+    gy = torch.randn_like(yr)
+    grads = torch.autograd.grad((y.double() * gy).sum(), ins)
+    grads_ref = torch.autograd.grad((yr * gy).sum(), refs)
+    for name, t, a, r in zip(("x", "z", "weight"), ins, grads, grads_ref):
+        assert a.shape == t.shape and a.dtype == t.dtype, name
+        assert rel_err(a, r) < 2 * tol, name
+
+
+@pytest.mark.parametrize("lead,d,g", [
+    ((7,), 48, None),  # d not a power of two, odd row count
+    ((2, 5), 200, None),  # leading (batch, L), L odd
+    ((3, 3), 96, 32),  # 3 groups: the group axis is masked too
+    ((2, 5), 200, 40),  # groups of a width that is not a power of two
+])
+def test_forward_backward(lead, d, g, poison):
+    check(lead, d, g)
+
+
+@pytest.mark.parametrize("g", [None, 16])
+def test_sliced_rows(g, poison):
+    check((2, 5), 64, g, sliced=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half(dtype, poison):
+    # under the interpreter fp32 -> bf16 stores truncate instead of rounding: within tolerance
+    check((3, 5), 96, 32, dtype=dtype, sliced=True)
+    check((7,), 48, None, dtype=dtype)
+
+
+def test_mixed_gate_dtype(poison):
+    check((5,), 48, None, dtype=torch.bfloat16, z_dtype=torch.float32)  # dz comes back in fp32
+
+
+@pytest.mark.skipif(not ON_GPU, reason="realistic sizes only on the GPU")
+@pytest.mark.parametrize("g", [None, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_realistic_gpu(dtype, g):
+    check((2, 2048), 1536, g, dtype=dtype, sliced=True)  # 4096 rows of Mamba-2's d_inner
+
+
+def test_matches_model_layer():
+    d, g = 96, 32
+    layer = GatedRMSNorm(d, eps=1e-5, group_size=g).to(DEVICE)
+    with torch.no_grad():
+        layer.weight.normal_()
+    x, z = torch.randn(2, 3, d, device=DEVICE), torch.randn(2, 3, d, device=DEVICE)
+    out = gated_rms_norm(x, z, layer.weight, layer.eps, layer.group_size)
+    assert rel_err(out.detach(), layer(x, z).detach()) < 1e-5
+
+
+def test_no_rows():
+    x = torch.randn(0, 48, device=DEVICE, requires_grad=True)
+    z = torch.randn(0, 48, device=DEVICE, requires_grad=True)
+    w = torch.randn(48, device=DEVICE, requires_grad=True)
+    y = gated_rms_norm(x, z, w)
+    assert y.shape == (0, 48)
+    gx, gz, gw = torch.autograd.grad(y.sum(), [x, z, w])
+    assert gx.shape == (0, 48) and gz.shape == (0, 48) and torch.equal(gw, torch.zeros_like(w))
+
+
+def test_fallbacks(monkeypatch):
+    x, z = torch.randn(2, 3, 40, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(40, dtype=torch.float64, device=DEVICE)
+
+    def no_kernel(*a):
+        raise AssertionError("the Triton path ran")
+
+    monkeypatch.setattr(gr._GatedRMSNormFn, "apply", no_kernel)
+    assert torch.equal(gated_rms_norm(x, z, w, 1e-5, 8), gated_rms_norm_ref(x, z, w, 1e-5, 8))  # float64
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
+    xc, zc, wc = x.float().cpu(), z.float().cpu(), w.float().cpu()
+    assert torch.equal(gated_rms_norm(xc, zc, wc), gated_rms_norm_ref(xc, zc, wc))
+
+
+@pytest.mark.parametrize("fn", [gated_rms_norm, gated_rms_norm_ref])
+def test_bad_inputs(fn):
+    x, z, w = torch.randn(2, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    cases = [
+        (dict(x=x.int(), z=z, weight=w), "x"),
+        (dict(x=x, z=z[:, :4], weight=w), "z"),
+        (dict(x=x, z=z.int(), weight=w), "z"),
+        (dict(x=x, z=z, weight=torch.ones(4, device=DEVICE)), "weight"),
+        (dict(x=x, z=z, weight=w.int()), "weight"),
+        (dict(x=x, z=z, weight=w, group_size=3), "group_size"),
+        (dict(x=x, z=z, weight=w, group_size=0), "group_size"),
+        (dict(x=x, z=z, weight=w, eps=-1.0), "eps"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(ValueError, match=rf"^{name}:"):
+            fn(**kwargs)
