@@ -372,6 +372,13 @@ if HAS_TRITON:
         tl.store(Zp + base + row_2, z2, mask=mask_2 & first_2)
 
     @triton.jit
+    def _fp32_scalars(a, b, c, d):
+        """Float arguments as fp32: torch.compile's inductor launches these kernels with Python
+        floats typed fp64, and fp64 products would then meet fp32 tiles in tl.dot (seen on
+        the H100: "Both operands must be same dtype")."""
+        return tl.cast(a, tl.float32), tl.cast(b, tl.float32), tl.cast(c, tl.float32), tl.cast(d, tl.float32)
+
+    @triton.jit
     def _based_fwd_kernel(
         Qp, Kp, Vp, SEQ, S0p, Z0p,  # inputs (S0p, Z0p: the state entering each segment)
         Yp, DENp, SLp, ZLp,  # outputs (SLp, ZLp: the state leaving each segment)
@@ -382,6 +389,7 @@ if HAS_TRITON:
     ):
         # grid (batch * H, value blocks, segments). STATE_ONLY: only the state update (no y,
         # no normaliser), for the segment-contribution pass of a split sequence.
+        eps, c_s, c_1, c_2 = _fp32_scalars(eps, c_s, c_1, c_2)
         pid_bh = tl.program_id(0)  # batch * H on axis 0 (no 65535 limit)
         pid_v = tl.program_id(1)
         pid_s = tl.program_id(2).to(tl.int64)  # segment of SEG_CHUNKS chunks
@@ -490,6 +498,7 @@ if HAS_TRITON:
         # ADJ_ONLY: only pass 2's adjoint accumulation from zero, stored per segment into
         # DS0p/DZ0p (no dq, dk, dv). Otherwise STORE_DINIT stores the adjoint of the state
         # entering segment 0 (the user's initial state) into DS0p/DZ0p (batch, H, D[, P]).
+        _, c_s, c_1, c_2 = _fp32_scalars(c_s, c_s, c_1, c_2)
         pid_bh = tl.program_id(0)
         pid_v = tl.program_id(1)
         pid_s = tl.program_id(2).to(tl.int64)
