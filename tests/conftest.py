@@ -22,6 +22,29 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def random_seed():
+    """A fresh seed per test, printed so a failure can be replayed (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("random_seed")``)."""
+    import random
+
+    s = random.randrange(2**31)
+    print(f"random seed {s}")
+    torch.manual_seed(s)
+
+
+def nan_allocator(monkeypatch, module, name: str) -> None:
+    """Make ``module.torch.<name>`` (empty / empty_like) return NaN-filled floating tensors, so
+    an output element a kernel leaves unwritten fails every comparison."""
+    alloc = getattr(torch, name)
+
+    def nan_alloc(*a, **k):
+        t = alloc(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(module.torch, name, nan_alloc)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out - ref‖ / ‖ref‖ in float64; NaN anywhere fails any threshold."""
     out, ref = out.double(), ref.double()

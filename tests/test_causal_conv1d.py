@@ -1,12 +1,11 @@
 """Causal depthwise conv1d: Triton kernels (impl="triton") vs. the float64 PyTorch reference,
 forward and gradients of x, weight and bias; decoding update; input checking."""
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, nan_allocator, rel_err
 from ssdbench.kernels import causal_conv1d as cc
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 
@@ -16,22 +15,13 @@ L_TEST = 300 if ON_GPU else 45
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    s = random.randrange(2**31)
-    print(f"random seed {s}")
-    torch.manual_seed(s)
+pytestmark = pytest.mark.usefixtures("random_seed")
 
 
 @pytest.fixture
 def poison(monkeypatch):
-    empty_like = torch.empty_like
-
-    def nan_empty_like(*a, **k):
-        t = empty_like(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(cc.torch, "empty_like", nan_empty_like)
+    """Outputs the kernels leave unwritten are NaN, which fails every comparison."""
+    nan_allocator(monkeypatch, cc, "empty_like")
 
 
 def random_seq_idx(batch, L):

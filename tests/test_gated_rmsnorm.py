@@ -1,11 +1,10 @@
 """Fused gated RMSNorm: Triton kernels vs. the float64 PyTorch reference, forward and gradients
 of x, z and weight; the model layer it replaces; fallbacks; input checking."""
-import random
 
 import pytest
 import torch
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, nan_allocator, rel_err
 from ssdbench.kernels import gated_rmsnorm as gr
 from ssdbench.kernels.gated_rmsnorm import gated_rms_norm, gated_rms_norm_ref
 from ssdbench.models.layers import GatedRMSNorm
@@ -16,23 +15,13 @@ ON_GPU = DEVICE == "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    s = random.randrange(2**31)
-    print(f"random seed {s}")
-    torch.manual_seed(s)
+pytestmark = pytest.mark.usefixtures("random_seed")
 
 
 @pytest.fixture
 def poison(monkeypatch):
     """Outputs the kernels leave unwritten are NaN, which fails every comparison."""
-    empty = torch.empty
-
-    def nan_empty(*a, **k):
-        t = empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(gr.torch, "empty", nan_empty)
+    nan_allocator(monkeypatch, gr, "empty")
 
 
 def check(lead, d, g, dtype=torch.float32, sliced=False, z_dtype=None):
