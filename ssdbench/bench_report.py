@@ -58,27 +58,23 @@ def kernel_times(fn, iters: int = 5, width: int = 60) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["kernel", "ms_per_iter", "calls_per_iter"])
 
 
-def op_times(fn, iters: int = 1, width: int = 60) -> pd.DataFrame:
-    """GPU time of fn() by ATen operator and input shapes (torch.profiler with shapes and
-    Python stacks): columns op, shapes, stack (the innermost frames of project code),
-    ms_per_iter, calls_per_iter, largest first. Finds which call launches an anonymous
-    kernel such as a strided copy."""
+def op_times(fn, iters: int = 1) -> pd.DataFrame:
+    """GPU time of fn() by ATen operator and input shapes (torch.profiler with shapes):
+    columns op, shapes, ms_per_iter, calls_per_iter, largest first. Names the call behind an
+    anonymous kernel such as a strided copy (kernels that inductor or Triton launch are not
+    ATen operators and do not appear)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
     rows = []
-    for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=12):
+    for e in prof.key_averages(group_by_input_shape=True):
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if t > 0 and e.key.startswith("aten::"):
-            stack = [f for f in (e.stack or []) if "ssdbench" in f or "kernels/" in f
-                     or "torch/_" in f][:4]
-            rows.append((e.key, str(e.input_shapes)[:200], " | ".join(stack)[:400],
-                         t / iters / 1000.0, e.count // iters))
-    rows.sort(key=lambda r: -r[3])
-    return pd.DataFrame(rows, columns=["op", "shapes", "stack", "ms_per_iter", "calls_per_iter"])
+            rows.append((e.key, str(e.input_shapes)[:200], t / iters / 1000.0, e.count // iters))
+    rows.sort(key=lambda r: -r[2])
+    return pd.DataFrame(rows, columns=["op", "shapes", "ms_per_iter", "calls_per_iter"])

@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 for g in modes[args.cuda_graph]:
                     rows.append(run_case(arch, L, args.tokens, args.steps, args.warmup, c, peak,
                                          profile=args.profile, out=args.out, argv=argv, cuda_graph=g))
-                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in rows[-1].items()), flush=True)
+                    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in rows[-1].items()), flush=True)
     df = pd.DataFrame(rows)
     bench_report.print_table(df, f"training throughput on {torch.cuda.get_device_name()}")
     bench_report.write(df, args.out, "bench_train", "ssdbench.bench_train", argv,
