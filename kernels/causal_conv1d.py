@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_util import pow2_factor
+
 # Default for impl="auto" on CUDA: this Triton kernel. It is faster on an H100
 # (results/h100/conv_bench.md, bf16, D=4096, L=2K: forward 0.50 vs 3.84 ms for F.conv1d,
 # forward+backward 2.36 vs 9.27 ms with the two-kernel backward of session 4, 3.0 before) and its tests pass there in fp32/bf16/fp16. It was held back
@@ -36,8 +38,7 @@ import triton.language as tl
 # trained on this kernel without a fault. SSDBENCH_CONV_IMPL=torch selects PyTorch's conv1d for a whole run.
 AUTO_IMPL = os.environ.get("SSDBENCH_CONV_IMPL", "triton")
 
-_BWD_BLOCK_L = 64  # time tile of the backward
-_BWD_TILES = 8  # tiles per backward program: dweight partials are (L / 512) x D x W, not (L / 64)
+_BWD_SPAN = 512  # time steps per backward program: dweight partials are (L / 512) x D x W
 
 
 def _interpreting() -> bool:
@@ -74,8 +75,9 @@ def _causal_conv1d_fwd_kernel(
     DIM, L,
     s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol, s_qb, s_ql,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    XV: tl.constexpr, OV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
+    s_xl, s_ol = s_xl * XV, s_ol * OV  # time strides passed divided by their power-of-two factor
     pid_b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -94,16 +96,42 @@ def _causal_conv1d_fwd_kernel(
 
 
 @triton.jit
+def _lag_tap(x_base, w_ptr, q_base, q, offs_d, d_mask, offs_t, t_mask, s_xd, s_xl, s_wd, s_wk, s_ql,
+             J: tl.constexpr, W: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_L: tl.constexpr):
+    """x[t - J] as fp32 (BLOCK_D, BLOCK_L) (0 before the start and, with seq_idx, across a
+    sequence boundary) and its weight w[:, W-1-J]; both zero for a lag J >= W."""
+    xj = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # (BLOCK_D, BLOCK_L)
+    wj = tl.zeros([BLOCK_D], dtype=tl.float32)  # (BLOCK_D,)
+    if J < W:
+        s = offs_t - J
+        valid = t_mask & (s >= 0)
+        if HAS_SEQ:
+            qs = tl.load(q_base + s * s_ql, mask=valid, other=0)
+            valid = valid & (qs == q)
+        xj = tl.load(x_base + offs_d[:, None] * s_xd + s[None, :] * s_xl,
+                     mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
+        wj = tl.load(w_ptr + offs_d * s_wd + (W - 1 - J) * s_wk, mask=d_mask, other=0.0).to(tl.float32)
+    return xj, wj
+
+
+@triton.jit
 def _causal_conv1d_bwd_g_kernel(
     x_ptr, w_ptr, bias_ptr, seq_ptr, do_ptr, g_ptr, dw_ptr, db_ptr,
     DIM, L, n_lchunks,
     s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol, s_qb, s_ql,
     W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
-    TILES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    XV: tl.constexpr, OV: tl.constexpr, SPAN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Backward, step 1: g = dL/d(pre-activation) at every output (the pre-activation
-    recomputed from x, not saved), written as fp32 (batch, L, D); and the dweight/dbias
-    partial sums of this (sequence, time chunk), which need g against x at the same outputs."""
+    recomputed from x, not saved), written (batch, L, D) in g's dtype; and the dweight/dbias
+    partial sums of this program's SPAN time steps, which need g against x at the same outputs.
+
+    The W lagged x tiles are loaded once per tile and kept for both uses. The dweight and
+    dbias products accumulate elementwise and are summed over time once at the end: a sum
+    along the time axis crosses the warps (shared memory and a barrier), and one per tap and
+    tile (session 6) kept this kernel at a third of its bandwidth."""
+    s_xl, s_ol = s_xl * XV, s_ol * OV  # time strides passed divided by their power-of-two factor
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -115,38 +143,49 @@ def _causal_conv1d_bwd_g_kernel(
         bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw_acc = tl.zeros([BLOCK_D, WP], dtype=tl.float32)  # (BLOCK_D, WP)
-    db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(TILES):
-        offs_t = (pid_l * TILES + i) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    a0 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # sum_t g x[t - j] elementwise, lag j = 0..3
+    a1 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    ab = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # sum_t g
+    for i in range(SPAN // BLOCK_L):
+        offs_t = pid_l * SPAN + i * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         t_mask = offs_t < L
+        q = offs_t
+        if HAS_SEQ:
+            q = tl.load(q_base + offs_t * s_ql, mask=t_mask, other=0)
+        x0, w0 = _lag_tap(x_base, w_ptr, q_base, q, offs_d, d_mask, offs_t, t_mask, s_xd, s_xl, s_wd, s_wk,
+                          s_ql, 0, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+        x1, w1 = _lag_tap(x_base, w_ptr, q_base, q, offs_d, d_mask, offs_t, t_mask, s_xd, s_xl, s_wd, s_wk,
+                          s_ql, 1, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+        x2, w2 = _lag_tap(x_base, w_ptr, q_base, q, offs_d, d_mask, offs_t, t_mask, s_xd, s_xl, s_wd, s_wk,
+                          s_ql, 2, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+        x3, w3 = _lag_tap(x_base, w_ptr, q_base, q, offs_d, d_mask, offs_t, t_mask, s_xd, s_xl, s_wd, s_wk,
+                          s_ql, 3, W, HAS_SEQ, BLOCK_D, BLOCK_L)
         mo = d_mask[:, None] & t_mask[None, :]
         g = tl.load(do_ptr + pid_b * s_ob + offs_d[:, None] * s_od + offs_t[None, :] * s_ol,
                     mask=mo, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_L)
         if SILU:
-            pre = _conv_pre(x_base, w_ptr, q_base, offs_d, d_mask, offs_t, t_mask, bias,
-                            s_xd, s_xl, s_wd, s_wk, s_ql, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+            pre = bias[:, None] + w0[:, None] * x0 + w1[:, None] * x1 + w2[:, None] * x2 + w3[:, None] * x3
             sg = tl.sigmoid(pre)
             g = g * sg * (1.0 + pre * (1.0 - sg))
-        tl.store(g_ptr + (pid_b * L + offs_t[None, :]) * DIM + offs_d[:, None], g, mask=mo)
-        db_acc += tl.sum(g, axis=1)
-        if HAS_SEQ:
-            q = tl.load(q_base + offs_t * s_ql, mask=t_mask, other=0)
-        for k in tl.static_range(W):  # dw[:, k] = sum_t g[t] x[t - (W-1) + k] (same sequence)
-            s = offs_t - (W - 1) + k
-            valid = t_mask & (s >= 0)
-            if HAS_SEQ:
-                qs = tl.load(q_base + s * s_ql, mask=valid, other=0)
-                valid = valid & (qs == q)
-            xk = tl.load(x_base + offs_d[:, None] * s_xd + s[None, :] * s_xl,
-                         mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
-            dwk = tl.sum(g * xk, axis=1)  # (BLOCK_D,)
-            dw_acc += tl.where((offs_k == k)[None, :], dwk[:, None], 0.0)
-    # Partial sums of this (sequence, time chunk): dw (batch, n_lchunks, D, WP), db (batch, n_lchunks, D).
+        tl.store(g_ptr + (pid_b * L + offs_t[None, :]) * DIM + offs_d[:, None], g.to(g_ptr.dtype.element_ty), mask=mo)
+        ab += g
+        a0 += g * x0
+        a1 += g * x1
+        a2 += g * x2
+        a3 += g * x3
+    # Partial sums of this (sequence, time span): dw (batch, n_lchunks, D, WP), db (batch, n_lchunks, D);
+    # lag j is tap W-1-j
+    k = offs_k[None, :]  # (1, WP)
+    dw = tl.where(k == W - 1, tl.sum(a0, axis=1)[:, None], 0.0)  # (BLOCK_D, WP)
+    dw = tl.where(k == W - 2, tl.sum(a1, axis=1)[:, None], dw)
+    dw = tl.where(k == W - 3, tl.sum(a2, axis=1)[:, None], dw)
+    dw = tl.where(k == W - 4, tl.sum(a3, axis=1)[:, None], dw)
     part = pid_b * n_lchunks + pid_l
-    tl.store(dw_ptr + part * DIM * WP + offs_d[:, None] * WP + offs_k[None, :], dw_acc,
+    tl.store(dw_ptr + part * DIM * WP + offs_d[:, None] * WP + k, dw,
              mask=d_mask[:, None] & (offs_k < W)[None, :])
-    tl.store(db_ptr + part * DIM + offs_d, db_acc, mask=d_mask)
+    tl.store(db_ptr + part * DIM + offs_d, tl.sum(ab, axis=1), mask=d_mask)
 
 
 @triton.jit
@@ -174,7 +213,7 @@ def _causal_conv1d_bwd_dx_kernel(
             qp = tl.load(q_base + tp * s_ql, mask=valid, other=0)
             valid = valid & (qp == q)
         g = tl.load(g_ptr + (pid_b * L + tp[None, :]) * DIM + offs_d[:, None],
-                    mask=d_mask[:, None] & valid[None, :], other=0.0)  # (BLOCK_D, BLOCK_L)
+                    mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_L)
         wk = tl.load(w_ptr + offs_d * s_wd + (W - 1 - j) * s_wk, mask=d_mask, other=0.0).to(tl.float32)
         dx += wk[:, None] * g
     tl.store(dx_ptr + pid_b * s_dxb + offs_d[:, None] * s_dxd + offs_t[None, :] * s_dxl,
@@ -182,7 +221,11 @@ def _causal_conv1d_bwd_dx_kernel(
 
 
 _FWD_CONFIGS = ((16, 128, 4), (32, 64, 4), (64, 32, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8))
-_BWD_CONFIGS = ((16, 4), (32, 4), (64, 4), (64, 8))
+# (BLOCK_D, BLOCK_L, num_warps) of the g-kernel: it holds ten fp32 tiles (four x lags, five
+# accumulators, g), so at most 16 elements per thread and tile. The best of a 48-config sweep
+# at Mamba-2 training's shape (results/h100/session7/conv_sweep.txt): (16, 32, 4) 117 us,
+# (16, 64, 8) 130, (32, 32, 8) 129, against 138 for (32, 64, 4)
+_BWD_CONFIGS = ((16, 32, 4), (16, 64, 8), (32, 32, 8), (32, 64, 4), (64, 32, 4), (16, 64, 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +236,7 @@ def _tuned_fwd():
 
 @functools.lru_cache(maxsize=None)
 def _tuned_bwd_g():
-    cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=nw) for bd, nw in _BWD_CONFIGS]
+    cfgs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=nw) for bd, bl, nw in _BWD_CONFIGS]
     return triton.autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_bwd_g_kernel)
 
 
@@ -250,9 +293,11 @@ class CausalConv1dFn(torch.autograd.Function):
             seq_idx = seq_idx.to(torch.int32)
         q = seq_idx if seq_idx is not None else x
         qs = seq_idx.stride() if seq_idx is not None else (0, 0)
+        xv, ov = pow2_factor(x.stride(2)), pow2_factor(out.stride(2))
         args = (x, weight, bias if bias is not None else x, q, out, dim, L,
-                *x.stride(), *weight.stride(), *out.stride(), *qs)
-        kw = dict(W=W, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None)
+                x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
+                out.stride(0), out.stride(1), out.stride(2) // ov, *qs)
+        kw = dict(W=W, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None, XV=xv, OV=ov)
         if _interpreting():
             _causal_conv1d_fwd_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
                 *args, **kw, BLOCK_D=16, BLOCK_L=32)
@@ -269,10 +314,13 @@ class CausalConv1dFn(torch.autograd.Function):
         batch, dim, L = x.shape
         W = weight.shape[1]
         WP = triton.next_power_of_2(W)
-        block_l, tiles = (16, 2) if _interpreting() else (_BWD_BLOCK_L, _BWD_TILES)
-        n_lchunks = triton.cdiv(L, block_l * tiles)
+        span = 32 if _interpreting() else _BWD_SPAN  # (interpreter: 2 tiles of 16 per program)
+        n_lchunks = triton.cdiv(L, span)
         dx = torch.empty_like(x)  # (batch, D, L), x's layout
-        g = torch.empty((batch, L, dim), device=x.device, dtype=torch.float32)  # (batch, L, D) dL/d(pre)
+        # g in bf16 for bf16 inputs: dx is rounded to bf16 anyway, and g's write and the
+        # dx-kernel's W reads of it are most of the backward's memory traffic
+        g_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        g = torch.empty((batch, L, dim), device=x.device, dtype=g_dtype)  # (batch, L, D) dL/d(pre)
         dw_part = torch.empty((batch, n_lchunks, dim, WP), device=x.device, dtype=torch.float32)
         db_part = torch.empty((batch, n_lchunks, dim), device=x.device, dtype=torch.float32)
         q = seq_idx if seq_idx is not None else x
@@ -280,14 +328,16 @@ class CausalConv1dFn(torch.autograd.Function):
         # two kernels: g once per output, then dx from W shifted reads of g (one fused kernel
         # recomputed g, with its W-tap pre-activation, at each of the W shifts: 0.36 ms a layer
         # of Mamba-2 training on the H100, 5x its forward)
+        xv, ov = pow2_factor(x.stride(2)), pow2_factor(dout.stride(2))
         args = (x, weight, bias if bias is not None else x, q, dout, g, dw_part, db_part, dim, L, n_lchunks,
-                *x.stride(), *weight.stride(), *dout.stride(), *qs)
+                x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
+                dout.stride(0), dout.stride(1), dout.stride(2) // ov, *qs)
         kw = dict(W=W, WP=WP, HAS_BIAS=bias is not None, SILU=ctx.silu, HAS_SEQ=seq_idx is not None,
-                  TILES=tiles, BLOCK_L=block_l)
+                  XV=xv, OV=ov, SPAN=span)
         args_dx = (g, weight, q, dx, dim, L, *weight.stride(), *dx.stride(), *qs)
         kw_dx = dict(W=W, HAS_SEQ=seq_idx is not None)
         if _interpreting():
-            _causal_conv1d_bwd_g_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16)
+            _causal_conv1d_bwd_g_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16, BLOCK_L=16)
             _causal_conv1d_bwd_dx_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
                 *args_dx, **kw_dx, BLOCK_D=16, BLOCK_L=32)
         else:

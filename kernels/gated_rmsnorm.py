@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_util import pow2_factor
+
 _MAX_WIDTH = 32768  # wider rows would not fit in registers: the PyTorch path takes them
 
 
@@ -42,7 +44,8 @@ def _tile_offsets(G: tl.constexpr, NG: tl.constexpr, BLOCK_NG: tl.constexpr, BLO
 @triton.jit
 def _gated_rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, o_ptr, rstd_ptr, n_rows, s_x, s_z, s_o, eps,
                               G: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
-                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
+                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr, RV: tl.constexpr):
+    s_x, s_z, s_o = s_x * RV, s_z * RV, s_o * RV  # row strides passed divided by RV (pow2_factor)
     gi, cols, cmask = _tile_offsets(G, NG, BLOCK_NG, BLOCK_G)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     r = rows.to(tl.int64)[:, None, None]  # (BLOCK_R, 1, 1); int64: rows * stride may pass 2^31
@@ -62,7 +65,9 @@ def _gated_rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, o_ptr, rstd_ptr, n_rows, s_x,
 def _gated_rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, do_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr,
                               n_rows, tiles_per_prog, s_x, s_z, s_do, s_dx, s_dz,
                               G: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
-                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr):
+                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr, RV: tl.constexpr):
+    # row strides passed divided by RV (pow2_factor)
+    s_x, s_z, s_do, s_dx, s_dz = s_x * RV, s_z * RV, s_do * RV, s_dx * RV, s_dz * RV
     gi, cols, cmask = _tile_offsets(G, NG, BLOCK_NG, BLOCK_G)
     pid = tl.program_id(0)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_NG, BLOCK_G)
@@ -126,48 +131,88 @@ def _rows2d(t: torch.Tensor, d: int) -> torch.Tensor:
     return t if t.stride(1) == 1 or d == 1 else t.contiguous()
 
 
-class _GatedRMSNormFn(torch.autograd.Function):
+def _fwd(x2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, eps: float, g: int):
+    """Forward launch on (rows, d) views: returns out (rows, d) in x's dtype and rstd (rows, groups) fp32."""
+    rows, d = x2.shape
+    ng = d // g
+    out = torch.empty((rows, d), device=x2.device, dtype=x2.dtype)  # (rows, d)
+    rstd = torch.empty((rows, ng), device=x2.device, dtype=torch.float32)  # (rows, groups)
+    block_r, warps = _config(d, bwd=False)
+    if rows:
+        strides = (x2.stride(0), z2.stride(0), out.stride(0))
+        rv = pow2_factor(*strides)
+        _gated_rmsnorm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+            x2, z2, weight, out, rstd, rows, *(s // rv for s in strides), float(eps),
+            G=g, NG=ng, BLOCK_R=block_r, BLOCK_NG=triton.next_power_of_2(ng),
+            BLOCK_G=triton.next_power_of_2(g), RV=rv, num_warps=warps)
+    return out, rstd
 
-    @staticmethod
-    def forward(ctx, x, z, weight, eps, g):
-        d = x.shape[-1]
-        x2, z2 = _rows2d(x, d), _rows2d(z, d)  # (rows, d)
-        rows, ng = x2.shape[0], d // g
-        out = torch.empty((rows, d), device=x.device, dtype=x.dtype)  # (rows, d)
-        rstd = torch.empty((rows, ng), device=x.device, dtype=torch.float32)  # (rows, groups)
-        block_r, warps = _config(d, bwd=False)
-        if rows:
-            _gated_rmsnorm_fwd_kernel[(triton.cdiv(rows, block_r),)](
-                x2, z2, weight, out, rstd, rows, x2.stride(0), z2.stride(0), out.stride(0), float(eps),
-                G=g, NG=ng, BLOCK_R=block_r, BLOCK_NG=triton.next_power_of_2(ng),
-                BLOCK_G=triton.next_power_of_2(g), num_warps=warps)
-        ctx.save_for_backward(x2, z2, weight, rstd)
-        ctx.g, ctx.x_shape = g, x.shape
-        return out.view(x.shape)
 
-    @staticmethod
-    def backward(ctx, dout):
-        x2, z2, weight, rstd = ctx.saved_tensors
-        g, (rows, d) = ctx.g, x2.shape
-        ng = d // g
-        do2 = _rows2d(dout, d)  # (rows, d)
-        dx = torch.empty((rows, d), device=x2.device, dtype=x2.dtype)  # (rows, d)
-        dz = torch.empty((rows, d), device=x2.device, dtype=z2.dtype)  # (rows, d)
-        block_r, warps = _config(d, bwd=True)
-        n_tiles = triton.cdiv(rows, block_r)
-        # a few programs per SM, each looping over row tiles: dweight partials stay (n_prog, d)
-        max_prog = 3 if _interpreting() else 2 * _sm_count(x2.device.index)
-        tiles_per_prog = max(1, triton.cdiv(n_tiles, max_prog))
-        n_prog = triton.cdiv(n_tiles, tiles_per_prog)  # every program gets >= 1 tile
-        dw_part = torch.empty((n_prog, d), device=x2.device, dtype=torch.float32)  # (programs, d)
-        if rows:
-            _gated_rmsnorm_bwd_kernel[(n_prog,)](
-                x2, z2, weight, do2, rstd, dx, dz, dw_part, rows, tiles_per_prog,
-                x2.stride(0), z2.stride(0), do2.stride(0), dx.stride(0), dz.stride(0),
-                G=g, NG=ng, BLOCK_R=block_r, BLOCK_NG=triton.next_power_of_2(ng),
-                BLOCK_G=triton.next_power_of_2(g), num_warps=warps)
-        dw = dw_part.sum(0).to(weight.dtype)  # (d,); zeros when there are no rows
-        return dx.view(ctx.x_shape), dz.view(ctx.x_shape), dw, None, None
+def _bwd(x2, z2, weight, rstd, dout, g: int):
+    """Backward launch: dx, dz (rows, d) and dweight (d,) in the inputs' dtypes."""
+    rows, d = x2.shape
+    ng = d // g
+    do2 = _rows2d(dout, d)  # (rows, d)
+    dx = torch.empty((rows, d), device=x2.device, dtype=x2.dtype)  # (rows, d)
+    dz = torch.empty((rows, d), device=x2.device, dtype=z2.dtype)  # (rows, d)
+    block_r, warps = _config(d, bwd=True)
+    n_tiles = triton.cdiv(rows, block_r)
+    # a few programs per SM, each looping over row tiles: dweight partials stay (n_prog, d)
+    max_prog = 3 if _interpreting() else 2 * _sm_count(x2.device.index)
+    tiles_per_prog = max(1, triton.cdiv(n_tiles, max_prog))
+    n_prog = triton.cdiv(n_tiles, tiles_per_prog)  # every program gets >= 1 tile
+    dw_part = torch.empty((n_prog, d), device=x2.device, dtype=torch.float32)  # (programs, d)
+    if rows:
+        strides = (x2.stride(0), z2.stride(0), do2.stride(0), dx.stride(0), dz.stride(0))
+        rv = pow2_factor(*strides)
+        _gated_rmsnorm_bwd_kernel[(n_prog,)](
+            x2, z2, weight, do2, rstd, dx, dz, dw_part, rows, tiles_per_prog, *(s // rv for s in strides),
+            G=g, NG=ng, BLOCK_R=block_r, BLOCK_NG=triton.next_power_of_2(ng),
+            BLOCK_G=triton.next_power_of_2(g), RV=rv, num_warps=warps)
+    dw = dw_part.sum(0).to(weight.dtype)  # (d,); zeros when there are no rows
+    return dx, dz, dw
+
+
+# The kernels are registered as custom operators (not an autograd.Function) so that
+# torch.compile keeps them inside its graph: no graph break around the norm, and inductor
+# schedules them like its own kernels. Inductor's fusion of the PyTorch form
+# (gated_rms_norm_ref) ran about 9 ms of a 74 ms Mamba-2 training step on the H100
+# (results/h100/session6/train_kernels_mamba2_L2048_compiled.md).
+@torch.library.custom_op("ssdbench::gated_rms_norm_fwd", mutates_args=())
+def _fwd_op(x2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, eps: float, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(x2, z2, weight, eps, g)
+
+
+@_fwd_op.register_fake
+def _(x2, z2, weight, eps, g):
+    rows, d = x2.shape
+    return x2.new_empty((rows, d)), x2.new_empty((rows, d // g), dtype=torch.float32)
+
+
+@torch.library.custom_op("ssdbench::gated_rms_norm_bwd", mutates_args=())
+def _bwd_op(x2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dout: torch.Tensor,
+            g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(x2, z2, weight, rstd, dout, g)
+
+
+@_bwd_op.register_fake
+def _(x2, z2, weight, rstd, dout, g):
+    return x2.new_empty(x2.shape), z2.new_empty(z2.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x2, z2, weight, _, g = inputs
+    ctx.save_for_backward(x2, z2, weight, output[1])
+    ctx.g = g
+
+
+def _backward(ctx, dout, drstd):
+    x2, z2, weight, rstd = ctx.saved_tensors
+    dx, dz, dw = _bwd_op(x2, z2, weight, rstd, dout, ctx.g)
+    return dx, dz, dw, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _config(d: int, bwd: bool) -> tuple[int, int]:
@@ -196,4 +241,6 @@ def gated_rms_norm(x, z, weight, eps=1e-5, group_size=None):
     if (torch.float64 in (x.dtype, z.dtype, weight.dtype) or x.shape[-1] > _MAX_WIDTH
             or not (x.is_cuda or _interpreting())):
         return gated_rms_norm_ref(x, z, weight, eps, g)
-    return _GatedRMSNormFn.apply(x, z, weight, float(eps), g)
+    d = x.shape[-1]
+    out, _ = _fwd_op(_rows2d(x, d), _rows2d(z, d), weight, float(eps), g)  # (rows, d)
+    return out.view(x.shape)

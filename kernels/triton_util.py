@@ -29,3 +29,18 @@ def exp2_ftz(x):
 def exp_ftz(x):
     """e^x through exp2_ftz."""
     return exp2_ftz(x * 1.4426950408889634)
+
+
+def pow2_factor(*values: int, cap: int = 16) -> int:
+    """The largest power of two, at most ``cap``, dividing every value.
+
+    Triton marks an integer argument as a multiple of 16 when it is one, and knows nothing
+    of it otherwise. A row stride such as 3352 (Mamba-2's in_proj width at 125M, 8 x 419)
+    therefore hides that every row starts 16 bytes apart in bf16, and the loads along the
+    row compile to 2-byte scalars (PTX of the conv backward: 256 `ld.global.b16` against 38
+    16-byte vector loads with a stride of 3360). Kernels take ``stride // f`` and a constexpr
+    ``f`` and multiply back, so the compiler sees the factor."""
+    f = 1
+    while f < cap and all(v % (2 * f) == 0 for v in values):
+        f *= 2
+    return f

@@ -109,16 +109,17 @@ def test_seq_idx_equals_separate_sequences():
         assert rel_err(y, parts) < 1e-5, impl
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl,pad", [("torch", 0), ("triton", 0), ("triton", 1)])
 @pytest.mark.parametrize("use_seq", [False, True])
-def test_channel_last_entry(impl, use_seq, poison):
+def test_channel_last_entry(impl, pad, use_seq, poison):
     # channel_last=True takes and returns (batch, L, D): a slice of a wider projection output,
     # as the models pass it; same values and gradients as the (batch, D, L) call, and the
     # gradient of the slice comes back as a contiguous (batch, L, D) tensor (the layout a
     # compiled graph expects, so it adds no copy)
     batch, dim, W = 2, 24, 4
     L = L_TEST
-    proj = torch.randn(batch, L, 3 * dim, device=DEVICE, requires_grad=True)  # (batch, L, 3D)
+    # row stride 3D = 72 (the kernels are told it is a multiple of 8) or 73 (odd: no factor)
+    proj = torch.randn(batch, L, 3 * dim + pad, device=DEVICE, requires_grad=True)  # (batch, L, 3D + pad)
     w, b = torch.randn(dim, W, device=DEVICE) / W, torch.randn(dim, device=DEVICE)
     seq = random_seq_idx(batch, L) if use_seq else None
     x = proj[..., dim:2 * dim]  # (batch, L, D), rows of stride 3D

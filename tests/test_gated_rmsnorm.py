@@ -24,14 +24,14 @@ def poison(monkeypatch):
     nan_allocator(monkeypatch, gr, "empty")
 
 
-def check(lead, d, g, dtype=torch.float32, sliced=False, z_dtype=None):
+def check(lead, d, g, dtype=torch.float32, sliced=False, z_dtype=None, pad=0):
     """x, z (*lead, d) in dtype (z in z_dtype if given); sliced: both are column slices of one
-    wider (*lead, 3d) tensor, rows of stride 3d."""
+    wider (*lead, 3d + pad) tensor, rows of stride 3d + pad."""
     z_dtype = z_dtype or dtype
     if sliced:
-        wide = torch.randn(*lead, 3 * d, device=DEVICE).to(dtype)  # (*lead, 3d)
-        x, z = wide[..., d:2 * d], wide[..., 2 * d:].to(z_dtype)  # (*lead, d), row stride 3d
-        assert x.stride(-2) == 3 * d
+        wide = torch.randn(*lead, 3 * d + pad, device=DEVICE).to(dtype)  # (*lead, 3d + pad)
+        x, z = wide[..., d:2 * d], wide[..., 2 * d:3 * d].to(z_dtype)  # (*lead, d), row stride 3d + pad
+        assert x.stride(-2) == 3 * d + pad
     else:
         x = torch.randn(*lead, d, device=DEVICE).to(dtype)  # (*lead, d)
         z = torch.randn(*lead, d, device=DEVICE).to(z_dtype)
@@ -62,8 +62,10 @@ def test_forward_backward(lead, d, g, poison):
 
 
 @pytest.mark.parametrize("g", [None, 16])
-def test_sliced_rows(g, poison):
-    check((2, 5), 64, g, sliced=True)
+@pytest.mark.parametrize("pad", [0, 1])
+def test_sliced_rows(g, pad, poison):
+    # row stride 192 (a multiple of 16) or 193 (odd: the kernels get no stride factor)
+    check((2, 5), 64, g, sliced=True, pad=pad)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -112,7 +114,7 @@ def test_fallbacks(monkeypatch):
     def no_kernel(*a):
         raise AssertionError("the Triton path ran")
 
-    monkeypatch.setattr(gr._GatedRMSNormFn, "apply", no_kernel)
+    monkeypatch.setattr(gr, "_fwd", no_kernel)
     assert torch.equal(gated_rms_norm(x, z, w, 1e-5, 8), gated_rms_norm_ref(x, z, w, 1e-5, 8))  # float64
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
     xc, zc, wc = x.float().cpu(), z.float().cpu(), w.float().cpu()
@@ -135,3 +137,23 @@ def test_bad_inputs(fn):
     for kwargs, name in cases:
         with pytest.raises(ValueError, match=rf"^{name}:"):
             fn(**kwargs)
+
+
+def test_custom_op_contract():
+    """The kernels are custom operators: their fake (shape) functions and autograd
+    registration must agree with the real ones (torch.library.opcheck), and torch.compile
+    traces them without a graph break, giving the eager values and gradients."""
+    wide = torch.randn(6, 3 * 40, device=DEVICE)  # rows of stride 120, as the model slices them
+    x, z = wide[:, :40], wide[:, 80:]
+    w = torch.randn(40, device=DEVICE)
+    torch.library.opcheck(gr._fwd_op, (x.detach().requires_grad_(True), z, w, 1e-5, 20))
+    torch.library.opcheck(gr._bwd_op, (x, z, w, torch.rand(6, 2, device=DEVICE), torch.randn(6, 40, device=DEVICE), 20))
+
+    ins = [t.detach().requires_grad_(True) for t in (x, z, w)]
+    ins_c = [t.detach().requires_grad_(True) for t in (x, z, w)]
+    fn = torch.compile(lambda a, b, c: gated_rms_norm(a, b, c, 1e-5, 20), backend="aot_eager", fullgraph=True)
+    y, yc = gated_rms_norm(*ins, 1e-5, 20), fn(*ins_c)
+    gy = torch.randn_like(y)
+    assert torch.allclose(y, yc, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad((y * gy).sum(), ins), torch.autograd.grad((yc * gy).sum(), ins_c)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
