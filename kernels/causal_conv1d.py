@@ -282,28 +282,78 @@ def _check(x, weight, bias, activation, seq_idx):
     return weight
 
 
+def conv_fwd(x, weight, bias, silu, seq_idx):
+    """Forward launch: x (batch, D, L) any strides (channel-last welcome), weight (D, W), bias
+    (D,) or None, seq_idx (batch, L) int32 or None. Returns out in x's layout and dtype."""
+    batch, dim, L = x.shape  # (batch, D, L)
+    W = weight.shape[1]
+    out = torch.empty_like(x)  # keeps a channel-last layout if x has one
+    q = seq_idx if seq_idx is not None else x
+    qs = seq_idx.stride() if seq_idx is not None else (0, 0)
+    xv, ov = pow2_factor(x.stride(2)), pow2_factor(out.stride(2))
+    args = (x, weight, bias if bias is not None else x, q, out, dim, L,
+            x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
+            out.stride(0), out.stride(1), out.stride(2) // ov, *qs)
+    kw = dict(W=W, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None, XV=xv, OV=ov)
+    if _interpreting():
+        _causal_conv1d_fwd_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
+            *args, **kw, BLOCK_D=16, BLOCK_L=32)
+    else:
+        grid = lambda m: (batch, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
+        _tuned_fwd()[grid](*args, **kw)
+    return out
+
+
+def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
+    """Backward launch: dx (x's layout, or written into the given (batch, D, L) view), dweight,
+    dbias (None without bias)."""
+    batch, dim, L = x.shape
+    W = weight.shape[1]
+    WP = triton.next_power_of_2(W)
+    span = 32 if _interpreting() else _BWD_SPAN  # (interpreter: 2 tiles of 16 per program)
+    n_lchunks = triton.cdiv(L, span)
+    if dx is None:
+        dx = torch.empty_like(x)  # (batch, D, L), x's layout
+    # g in bf16 for bf16 inputs: dx is rounded to bf16 anyway, and g's write and the
+    # dx-kernel's W reads of it are most of the backward's memory traffic
+    g_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    g = torch.empty((batch, L, dim), device=x.device, dtype=g_dtype)  # (batch, L, D) dL/d(pre)
+    dw_part = torch.empty((batch, n_lchunks, dim, WP), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((batch, n_lchunks, dim), device=x.device, dtype=torch.float32)
+    q = seq_idx if seq_idx is not None else x
+    qs = seq_idx.stride() if seq_idx is not None else (0, 0)
+    # two kernels: g once per output, then dx from W shifted reads of g (one fused kernel
+    # recomputed g, with its W-tap pre-activation, at each of the W shifts: 0.36 ms a layer
+    # of Mamba-2 training on the H100, 5x its forward)
+    xv, ov = pow2_factor(x.stride(2)), pow2_factor(dout.stride(2))
+    args = (x, weight, bias if bias is not None else x, q, dout, g, dw_part, db_part, dim, L, n_lchunks,
+            x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
+            dout.stride(0), dout.stride(1), dout.stride(2) // ov, *qs)
+    kw = dict(W=W, WP=WP, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None,
+              XV=xv, OV=ov, SPAN=span)
+    args_dx = (g, weight, q, dx, dim, L, *weight.stride(), *dx.stride(), *qs)
+    kw_dx = dict(W=W, HAS_SEQ=seq_idx is not None)
+    if _interpreting():
+        _causal_conv1d_bwd_g_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16, BLOCK_L=16)
+        _causal_conv1d_bwd_dx_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
+            *args_dx, **kw_dx, BLOCK_D=16, BLOCK_L=32)
+    else:
+        grid = lambda m: (batch, n_lchunks, triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
+        _tuned_bwd_g()[grid](*args, **kw)
+        grid = lambda m: (batch, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
+        _tuned_bwd_dx()[grid](*args_dx, **kw_dx)
+    dw = dw_part.sum((0, 1))[:, :W].to(weight.dtype)  # (D, W)
+    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
 class CausalConv1dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, silu, seq_idx):
-        batch, dim, L = x.shape  # (batch, D, L)
-        W = weight.shape[1]
-        out = torch.empty_like(x)  # keeps a channel-last layout if x has one
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
-        q = seq_idx if seq_idx is not None else x
-        qs = seq_idx.stride() if seq_idx is not None else (0, 0)
-        xv, ov = pow2_factor(x.stride(2)), pow2_factor(out.stride(2))
-        args = (x, weight, bias if bias is not None else x, q, out, dim, L,
-                x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
-                out.stride(0), out.stride(1), out.stride(2) // ov, *qs)
-        kw = dict(W=W, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None, XV=xv, OV=ov)
-        if _interpreting():
-            _causal_conv1d_fwd_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
-                *args, **kw, BLOCK_D=16, BLOCK_L=32)
-        else:
-            grid = lambda m: (batch, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
-            _tuned_fwd()[grid](*args, **kw)
+        out = conv_fwd(x, weight, bias, silu, seq_idx)
         ctx.save_for_backward(x, weight, bias, seq_idx)
         ctx.silu = silu
         return out
@@ -311,42 +361,7 @@ class CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, seq_idx = ctx.saved_tensors
-        batch, dim, L = x.shape
-        W = weight.shape[1]
-        WP = triton.next_power_of_2(W)
-        span = 32 if _interpreting() else _BWD_SPAN  # (interpreter: 2 tiles of 16 per program)
-        n_lchunks = triton.cdiv(L, span)
-        dx = torch.empty_like(x)  # (batch, D, L), x's layout
-        # g in bf16 for bf16 inputs: dx is rounded to bf16 anyway, and g's write and the
-        # dx-kernel's W reads of it are most of the backward's memory traffic
-        g_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-        g = torch.empty((batch, L, dim), device=x.device, dtype=g_dtype)  # (batch, L, D) dL/d(pre)
-        dw_part = torch.empty((batch, n_lchunks, dim, WP), device=x.device, dtype=torch.float32)
-        db_part = torch.empty((batch, n_lchunks, dim), device=x.device, dtype=torch.float32)
-        q = seq_idx if seq_idx is not None else x
-        qs = seq_idx.stride() if seq_idx is not None else (0, 0)
-        # two kernels: g once per output, then dx from W shifted reads of g (one fused kernel
-        # recomputed g, with its W-tap pre-activation, at each of the W shifts: 0.36 ms a layer
-        # of Mamba-2 training on the H100, 5x its forward)
-        xv, ov = pow2_factor(x.stride(2)), pow2_factor(dout.stride(2))
-        args = (x, weight, bias if bias is not None else x, q, dout, g, dw_part, db_part, dim, L, n_lchunks,
-                x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
-                dout.stride(0), dout.stride(1), dout.stride(2) // ov, *qs)
-        kw = dict(W=W, WP=WP, HAS_BIAS=bias is not None, SILU=ctx.silu, HAS_SEQ=seq_idx is not None,
-                  XV=xv, OV=ov, SPAN=span)
-        args_dx = (g, weight, q, dx, dim, L, *weight.stride(), *dx.stride(), *qs)
-        kw_dx = dict(W=W, HAS_SEQ=seq_idx is not None)
-        if _interpreting():
-            _causal_conv1d_bwd_g_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16, BLOCK_L=16)
-            _causal_conv1d_bwd_dx_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
-                *args_dx, **kw_dx, BLOCK_D=16, BLOCK_L=32)
-        else:
-            grid = lambda m: (batch, n_lchunks, triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
-            _tuned_bwd_g()[grid](*args, **kw)
-            grid = lambda m: (batch, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
-            _tuned_bwd_dx()[grid](*args_dx, **kw_dx)
-        dw = dw_part.sum((0, 1))[:, :W].to(weight.dtype)  # (D, W)
-        db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        dx, dw, db = conv_bwd(x, weight, bias, seq_idx, ctx.silu, dout)
         return dx, dw, db, None, None
 
 

@@ -148,13 +148,15 @@ def _fwd(x2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, eps: float, g
     return out, rstd
 
 
-def _bwd(x2, z2, weight, rstd, dout, g: int):
-    """Backward launch: dx, dz (rows, d) and dweight (d,) in the inputs' dtypes."""
+def _bwd(x2, z2, weight, rstd, dout, g: int, dz=None):
+    """Backward launch: dx, dz (rows, d) and dweight (d,) in the inputs' dtypes; dz may be a
+    given (rows, d) view with unit column stride (rows of a wider gradient buffer)."""
     rows, d = x2.shape
     ng = d // g
     do2 = _rows2d(dout, d)  # (rows, d)
     dx = torch.empty((rows, d), device=x2.device, dtype=x2.dtype)  # (rows, d)
-    dz = torch.empty((rows, d), device=x2.device, dtype=z2.dtype)  # (rows, d)
+    if dz is None:
+        dz = torch.empty((rows, d), device=x2.device, dtype=z2.dtype)  # (rows, d)
     block_r, warps = _config(d, bwd=True)
     n_tiles = triton.cdiv(rows, block_r)
     # a few programs per SM, each looping over row tiles: dweight partials stay (n_prog, d)

@@ -481,7 +481,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
                       st_ptr, dst_ptr, cb_ptr, dx_ptr, u_ptr, ddtd_ptr, scal_ptr, dD_ptr,
                       L, H, P, N, HPX, HPB, HPC, GH, HS,
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
-                      sy_b, sy_l, sy_h, sy_p, ss_b, ss_l, sD_h, sD_p,
+                      sy_b, sy_l, sy_h, sy_p, ss_b, ss_l, sD_h, sD_p, sdx_b, sdx_l,
                       Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, USE_CB: tl.constexpr,
                       ATOMIC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
@@ -555,7 +555,7 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
             if HAS_SEQ:
                 sc = tl.where(seq_last == seq_prev, sc, 0.0)
             tl.store(scal_ptr + (b * H + h) * nc + c, sc)
-    o = dx_ptr + (b * L + s[:, None]) * ((H // HPX) * P) + gx * P + p[None, :]
+    o = dx_ptr + b * sdx_b + s[:, None] * sdx_l + gx * P + p[None, :]  # dx rows may sit in a wider buffer
     if ATOMIC:
         tl.atomic_add(o, acc, mask=sp_mask, sem="relaxed")
     else:
@@ -905,8 +905,15 @@ def _out_buf(shape, dtype, dev, hs):
 
 
 def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit,
-                 initial_states, seq_idx, dtp, cs, states, ypre, cb):
-    """Backward launch. Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states."""
+                 initial_states, seq_idx, dtp, cs, states, ypre, cb, out=None):
+    """Backward launch. Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states.
+
+    out: optional (dx, ddt, dB, dC) views to write those gradients into (x's, dt's, B's, C's
+    shapes and dtypes, unit stride along the last axis; a gradient that is None is
+    allocated). Slices of one wider buffer let a caller that split x, B, C (and dt) from one
+    projection receive its gradient whole instead of concatenating the pieces. dx is written
+    in place when no head split adds it atomically; the others are copied in (small)."""
+    out = out or (None, None, None, None)
     batch, L, Hx, P = x.shape
     H = dt.shape[2]
     Gb, N = B.shape[2], B.shape[3]
@@ -960,7 +967,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
 
     # dx, the dt terms, dD partials, pieces of the log-decay gradient
     HSx = _head_split(base * Hx, H // Hx)
-    dx = _out_buf((batch, L, Hx, P), x.dtype, dev, HSx)  # (batch, L, Hx, P)
+    dx = out[0] if out[0] is not None and HSx == 1 else _out_buf((batch, L, Hx, P), x.dtype, dev, HSx)  # (batch, L, Hx, P)
     u = _alloc((batch, H, L), **f32)  # (batch, H, L)
     ddtd = _alloc((batch, H, L), **f32)  # (batch, H, L)
     scal = _alloc((batch, H, nc), **f32)  # (batch, H, nc)
@@ -970,7 +977,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     kern[(base * Hx * HSx,)](
         x, B, C, dy, D if D is not None else x, A, dtp, cs, seq, states, dst, cb, dx, u, ddtd,
         scal, dDp, *common, HSx,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l, *sD,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l, *sD, dx.stride(0), dx.stride(1),
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
         USE_CB=GH > 1, ATOMIC=HSx > 1, DT=DT, PREC=PREC, **_fixed(kw, BN))
 
@@ -995,7 +1002,15 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
         Q=Q, T=T, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         HAS_LIMIT=has_lim, HAS_SEQ=seq_idx is not None)
 
-    dx, dB, dC = dx.to(x.dtype), dB.to(B.dtype), dC.to(C.dtype)  # from fp32 where atomic
+    grads = []
+    for g, dst_buf, like in zip((dx, ddt, dB, dC), out, (x, dt, B, C)):
+        if dst_buf is None:
+            grads.append(g.to(like.dtype))  # from fp32 where atomic
+        else:
+            if g is not dst_buf:
+                dst_buf.copy_(g)
+            grads.append(dst_buf)
+    dx, ddt, dB, dC = grads
     dA = dAp.sum((0, 1))  # (H,)
     ddt_bias = dbp.sum((0, 1)) if dt_bias is not None else None  # (H,)
     dD = None
