@@ -45,6 +45,16 @@ def nan_allocator(monkeypatch, module, name: str) -> None:
     monkeypatch.setattr(module.torch, name, nan_alloc)
 
 
+def random_seq_idx(batch: int, L: int, cuts: int = 3) -> torch.Tensor:
+    """(batch, L) int32 on DEVICE: non-decreasing document ids with ``cuts`` random boundaries
+    per row (repeated cuts merge, so a row may hold fewer documents)."""
+    seq = torch.zeros(batch, L, dtype=torch.int32)
+    for b in range(batch):
+        for cut in torch.randint(1, max(L, 2), (cuts,)).tolist():
+            seq[b, cut:] += 1
+    return seq.to(DEVICE)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out - ref‖ / ‖ref‖ in float64; NaN anywhere fails any threshold."""
     out, ref = out.double(), ref.double()

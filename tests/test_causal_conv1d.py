@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, nan_allocator, rel_err
+from conftest import DEVICE, nan_allocator, random_seq_idx, rel_err
 from ssdbench.kernels import causal_conv1d as cc
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.usefixtures("random_seed")
 def poison(monkeypatch):
     """Outputs the kernels leave unwritten are NaN, which fails every comparison."""
     nan_allocator(monkeypatch, cc, "empty_like")
-
-
-def random_seq_idx(batch, L):
-    seq = torch.zeros(batch, L, dtype=torch.int32)
-    for b in range(batch):
-        for cut in torch.randint(1, L, (3,)).tolist():
-            seq[b, cut:] += 1
-    return seq.to(DEVICE)
 
 
 def check(batch, dim, L, W, activation, use_seq, has_bias=True, dtype=torch.float32, channel_last=False):

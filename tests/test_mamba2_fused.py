@@ -6,7 +6,7 @@ and lengths that are not a multiple of the chunk."""
 import pytest
 import torch
 
-from conftest import DEVICE, nan_allocator, rel_err
+from conftest import DEVICE, nan_allocator, random_seq_idx, rel_err
 from ssdbench.kernels import mamba2_fused
 from ssdbench.kernels.mamba2_fused import Dims, mamba2_inner
 from ssdbench.models.mamba2 import Mamba2Mixer
@@ -24,14 +24,6 @@ def poison(monkeypatch):
     nan_allocator(monkeypatch, mamba2_fused, "empty_like")
 
 
-def packed_seq_idx(batch, L):
-    seq = torch.zeros(batch, L, dtype=torch.int32)
-    for b in range(batch):
-        for cut in torch.randint(1, L, (2,)).tolist():
-            seq[b, cut:] += 1
-    return seq.to(DEVICE)
-
-
 def check(hs, ngroups=2, L=37, seq=False, dtype=torch.float32, d_model=32, headdim=16, d_state=16, chunk=16):
     mixer = Mamba2Mixer(d_model, d_state=d_state, headdim=headdim, ngroups=ngroups, head_structure=hs,
                         chunk_size=chunk, impl="triton").to(DEVICE)
@@ -44,7 +36,7 @@ def check(hs, ngroups=2, L=37, seq=False, dtype=torch.float32, d_model=32, headd
     ref.load_state_dict(mixer.state_dict())
     assert mixer._fused(torch.empty(1, device=DEVICE)) and not ref._fused(torch.empty(1, device=DEVICE))
     u = torch.randn(2, L, d_model, device=DEVICE)
-    sq = packed_seq_idx(2, L) if seq else None
+    sq = random_seq_idx(2, L, cuts=2) if seq else None
     ui, ur = u.clone().requires_grad_(True), u.double().requires_grad_(True)
     with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         y = mixer(ui, seq_idx=sq)

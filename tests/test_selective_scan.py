@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, random_seq_idx, rel_err
 from ssdbench.kernels import selective_scan as ss
 from ssdbench.kernels.selective_scan import (selective_scan, selective_scan_ref,
                                              selective_state_update)
@@ -66,15 +66,6 @@ def make_inputs(batch, dim, L, N, G=None, dtype=torch.float32, has_D=True, has_z
     z = act((batch, dim, L)) if has_z else None  # (batch, D, L)
     bias = (0.5 * torch.randn(dim, device=dev)) if has_bias else None  # (D,)
     return [u, delta, A, B, C, D, z, bias]
-
-
-def random_seq_idx(batch, L):
-    """Non-decreasing document ids with a few random boundaries per row."""
-    seq = torch.zeros(batch, L, dtype=torch.int32)
-    for b in range(batch):
-        for cut in torch.randint(1, max(L, 2), (3,)).tolist():
-            seq[b, cut:] += 1
-    return seq.to(DEVICE)
 
 
 def check(inputs, softplus, seq_idx, dtype, last_state=True):
