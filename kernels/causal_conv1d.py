@@ -118,7 +118,7 @@ def _lag_tap(x_base, w_ptr, q_base, q, offs_d, d_mask, offs_t, t_mask, s_xd, s_x
 @triton.jit
 def _causal_conv1d_bwd_g_kernel(
     x_ptr, w_ptr, bias_ptr, seq_ptr, do_ptr, g_ptr, dw_ptr, db_ptr,
-    DIM, L, n_lchunks,
+    DIM, L, n_lchunks, s_part,
     s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol, s_qb, s_ql,
     W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
     XV: tl.constexpr, OV: tl.constexpr, SPAN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -175,17 +175,17 @@ def _causal_conv1d_bwd_g_kernel(
         a1 += g * x1
         a2 += g * x2
         a3 += g * x3
-    # Partial sums of this (sequence, time span): dw (batch, n_lchunks, D, WP), db (batch, n_lchunks, D);
-    # lag j is tap W-1-j
+    # Partial sums of this (sequence, time span): rows of s_part numbers, dw (D, WP) then db (D,)
+    # (db_ptr points past dw in the same rows: one sum reduces both); lag j is tap W-1-j
     k = offs_k[None, :]  # (1, WP)
     dw = tl.where(k == W - 1, tl.sum(a0, axis=1)[:, None], 0.0)  # (BLOCK_D, WP)
     dw = tl.where(k == W - 2, tl.sum(a1, axis=1)[:, None], dw)
     dw = tl.where(k == W - 3, tl.sum(a2, axis=1)[:, None], dw)
     dw = tl.where(k == W - 4, tl.sum(a3, axis=1)[:, None], dw)
     part = pid_b * n_lchunks + pid_l
-    tl.store(dw_ptr + part * DIM * WP + offs_d[:, None] * WP + k, dw,
+    tl.store(dw_ptr + part * s_part + offs_d[:, None] * WP + k, dw,
              mask=d_mask[:, None] & (offs_k < W)[None, :])
-    tl.store(db_ptr + part * DIM + offs_d, tl.sum(ab, axis=1), mask=d_mask)
+    tl.store(db_ptr + part * s_part + offs_d, tl.sum(ab, axis=1), mask=d_mask)
 
 
 @triton.jit
@@ -318,15 +318,16 @@ def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
     # dx-kernel's W reads of it are most of the backward's memory traffic
     g_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     g = torch.empty((batch, L, dim), device=x.device, dtype=g_dtype)  # (batch, L, D) dL/d(pre)
-    dw_part = torch.empty((batch, n_lchunks, dim, WP), device=x.device, dtype=torch.float32)
-    db_part = torch.empty((batch, n_lchunks, dim), device=x.device, dtype=torch.float32)
+    # per (sequence, time span) partial sums, dw (D, WP) then db (D,) in one row: one reduction
+    part = torch.empty((batch, n_lchunks, dim * (WP + 1)), device=x.device, dtype=torch.float32)
     q = seq_idx if seq_idx is not None else x
     qs = seq_idx.stride() if seq_idx is not None else (0, 0)
     # two kernels: g once per output, then dx from W shifted reads of g (one fused kernel
     # recomputed g, with its W-tap pre-activation, at each of the W shifts: 0.36 ms a layer
     # of Mamba-2 training on the H100, 5x its forward)
     xv, ov = pow2_factor(x.stride(2)), pow2_factor(dout.stride(2))
-    args = (x, weight, bias if bias is not None else x, q, dout, g, dw_part, db_part, dim, L, n_lchunks,
+    args = (x, weight, bias if bias is not None else x, q, dout, g, part, part[..., dim * WP:], dim, L, n_lchunks,
+            part.stride(1),
             x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
             dout.stride(0), dout.stride(1), dout.stride(2) // ov, *qs)
     kw = dict(W=W, WP=WP, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None,
@@ -342,8 +343,9 @@ def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
         _tuned_bwd_g()[grid](*args, **kw)
         grid = lambda m: (batch, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dim, m["BLOCK_D"]))  # noqa: E731
         _tuned_bwd_dx()[grid](*args_dx, **kw_dx)
-    dw = dw_part.sum((0, 1))[:, :W].to(weight.dtype)  # (D, W)
-    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    tot = part.sum((0, 1))  # (D * (WP + 1),)
+    dw = tot[:dim * WP].view(dim, WP)[:, :W].to(weight.dtype)  # (D, W)
+    db = tot[dim * WP:].to(bias.dtype) if bias is not None else None
     return dx, dw, db
 
 

@@ -159,8 +159,10 @@ def _bwd(x2, z2, weight, rstd, dout, g: int, dz=None):
         dz = torch.empty((rows, d), device=x2.device, dtype=z2.dtype)  # (rows, d)
     block_r, warps = _config(d, bwd=True)
     n_tiles = triton.cdiv(rows, block_r)
-    # a few programs per SM, each looping over row tiles: dweight partials stay (n_prog, d)
-    max_prog = 3 if _interpreting() else 2 * _sm_count(x2.device.index)
+    # a few programs per SM, each looping over row tiles: dweight partials stay (n_prog, d).
+    # 8 per SM: 116 against 126 us for 2 at Mamba-2 130M's shape on the H100, the best of 27
+    # choices (results/h100/session7/norm_sweep.txt)
+    max_prog = 3 if _interpreting() else 8 * _sm_count(x2.device.index)
     tiles_per_prog = max(1, triton.cdiv(n_tiles, max_prog))
     n_prog = triton.cdiv(n_tiles, tiles_per_prog)  # every program gets >= 1 tile
     dw_part = torch.empty((n_prog, d), device=x2.device, dtype=torch.float32)  # (programs, d)

@@ -993,8 +993,8 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
 
     # d(dA) -> ddt, dA, dt_bias
     ddt = _alloc((batch, L, H), device=dev, dtype=dt.dtype)  # (batch, L, H)
-    dAp = _alloc((batch, nc, H), **f32)  # (batch, nc, H)
-    dbp = _alloc((batch, nc, H), **f32)  # (batch, nc, H)
+    dAbp = _alloc((2, batch, nc, H), **f32)  # dA and ddt_bias partials: one reduction for both
+    dAp, dbp = dAbp[0], dAbp[1]  # (batch, nc, H) each
     BH = min(16, _next_pow2(H))
     _ssd_dt_bwd[(batch, nc, triton.cdiv(H, BH))](
         dt, dt_bias if dt_bias is not None else dt, A, dtp, seq, row, dda, u, ddtd, scal,
@@ -1011,11 +1011,9 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
                 dst_buf.copy_(g)
             grads.append(dst_buf)
     dx, ddt, dB, dC = grads
-    dA = dAp.sum((0, 1))  # (H,)
-    ddt_bias = dbp.sum((0, 1)) if dt_bias is not None else None  # (H,)
+    dA, ddt_bias = dAbp.sum((1, 2))  # (H,) each
+    ddt_bias = ddt_bias if dt_bias is not None else None
     dD = None
     if D is not None:
-        dD = dDp.sum((0, 1))  # (H, P)
-        if D.dim() == 1:
-            dD = dD.sum(-1)  # (H,)
+        dD = dDp.sum((0, 1) if D.dim() == 2 else (0, 1, 3))  # (H, P) or (H,)
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit

@@ -39,10 +39,10 @@ rows = []
 for bd, bl, span, nw in itertools.product((16, 32, 64, 128), (32, 64), (512, 1024), (2, 4, 8)):
     n_l = triton.cdiv(a.L, span)
     g = torch.empty(a.batch, a.L, a.dim, device=dev, dtype=torch.bfloat16)
-    dw = torch.empty(a.batch, n_l, a.dim, 4, device=dev, dtype=torch.float32)
-    db = torch.empty(a.batch, n_l, a.dim, device=dev, dtype=torch.float32)
+    part = torch.empty(a.batch, n_l, a.dim * 5, device=dev, dtype=torch.float32)  # dw (D, 4) then db (D,)
     xv, ov = pow2_factor(x.stride(2)), pow2_factor(dout.stride(2))
-    args = (x, w, bias, x, dout, g, dw, db, a.dim, a.L, n_l, x.stride(0), x.stride(1), x.stride(2) // xv,
+    args = (x, w, bias, x, dout, g, part, part[..., a.dim * 4:], a.dim, a.L, n_l, part.stride(1),
+            x.stride(0), x.stride(1), x.stride(2) // xv,
             *w.stride(), dout.stride(0), dout.stride(1), dout.stride(2) // ov, 0, 0)
 
     def run():
