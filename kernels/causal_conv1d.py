@@ -52,20 +52,15 @@ def _interpreting() -> bool:
 def _conv_pre(x_base, w_ptr, q_base, offs_d, d_mask, offs_t, t_mask, bias,
               s_xd, s_xl, s_wd, s_wk, s_ql,
               W: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Pre-activation bias + sum_k w[:, k] x[t-(W-1)+k] on a (BLOCK_D, BLOCK_L) tile, in fp32."""
+    """Pre-activation bias + sum_j w[:, W-1-j] x[t-j] on a (BLOCK_D, BLOCK_L) tile, in fp32."""
     acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32) + bias[:, None]  # (BLOCK_D, BLOCK_L)
+    q = offs_t
     if HAS_SEQ:
         q = tl.load(q_base + offs_t * s_ql, mask=t_mask, other=0)  # (BLOCK_L,)
-    for k in tl.static_range(W):
-        s = offs_t - (W - 1) + k  # input position of tap k
-        valid = t_mask & (s >= 0)
-        if HAS_SEQ:
-            qs = tl.load(q_base + s * s_ql, mask=valid, other=0)
-            valid = valid & (qs == q)
-        xk = tl.load(x_base + offs_d[:, None] * s_xd + s[None, :] * s_xl,
-                     mask=d_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
-        wk = tl.load(w_ptr + offs_d * s_wd + k * s_wk, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
-        acc += wk[:, None] * xk
+    for j in tl.static_range(W):
+        xj, wj = _lag_tap(x_base, w_ptr, q_base, q, offs_d, d_mask, offs_t, t_mask, s_xd, s_xl, s_wd, s_wk,
+                          s_ql, j, W, HAS_SEQ, BLOCK_D, BLOCK_L)
+        acc += wj[:, None] * xj
     return acc
 
 
