@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_util import pow2_factor
+from .triton_util import interpreting, pow2_factor
 
 # Default for impl="auto" on CUDA: this Triton kernel. It is faster on an H100
 # (results/h100/conv_bench.md, bf16, D=4096, L=2K: forward 0.50 vs 3.84 ms for F.conv1d,
@@ -39,10 +39,6 @@ from .triton_util import pow2_factor
 AUTO_IMPL = os.environ.get("SSDBENCH_CONV_IMPL", "triton")
 
 _BWD_SPAN = 512  # time steps per backward program: dweight partials are (L / 512) x D x W
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +286,7 @@ def conv_fwd(x, weight, bias, silu, seq_idx):
             x.stride(0), x.stride(1), x.stride(2) // xv, *weight.stride(),
             out.stride(0), out.stride(1), out.stride(2) // ov, *qs)
     kw = dict(W=W, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None, XV=xv, OV=ov)
-    if _interpreting():
+    if interpreting():
         _causal_conv1d_fwd_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
             *args, **kw, BLOCK_D=16, BLOCK_L=32)
     else:
@@ -305,7 +301,7 @@ def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
     batch, dim, L = x.shape
     W = weight.shape[1]
     WP = triton.next_power_of_2(W)
-    span = 32 if _interpreting() else _BWD_SPAN  # (interpreter: 2 tiles of 16 per program)
+    span = 32 if interpreting() else _BWD_SPAN  # (interpreter: 2 tiles of 16 per program)
     n_lchunks = triton.cdiv(L, span)
     if dx is None:
         dx = torch.empty_like(x)  # (batch, D, L), x's layout
@@ -329,7 +325,7 @@ def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
               XV=xv, OV=ov, SPAN=span)
     args_dx = (g, weight, q, dx, dim, L, *weight.stride(), *dx.stride(), *qs)
     kw_dx = dict(W=W, HAS_SEQ=seq_idx is not None)
-    if _interpreting():
+    if interpreting():
         _causal_conv1d_bwd_g_kernel[(batch, n_lchunks, triton.cdiv(dim, 16))](*args, **kw, BLOCK_D=16, BLOCK_L=16)
         _causal_conv1d_bwd_dx_kernel[(batch, triton.cdiv(L, 32), triton.cdiv(dim, 16))](
             *args_dx, **kw_dx, BLOCK_D=16, BLOCK_L=32)
@@ -410,7 +406,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, impl="aut
     if impl == "torch":
         out = causal_conv1d_ref(x, weight, bias, activation, seq_idx)  # (batch, D, L)
         return out.transpose(1, 2) if channel_last else out
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         raise ValueError("impl: 'triton' needs CUDA tensors or TRITON_INTERPRET=1")
     if channel_last:
         return _CausalConv1dChannelLastFn.apply(x.transpose(1, 2), weight, bias, activation in ("silu", "swish"), seq_idx)

@@ -33,7 +33,6 @@ the state restarts from zero at each document boundary, with no padding.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +40,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_util import exp2_ftz
+from .triton_util import exp2_ftz, interpreting
 
 MAX_N = 256  # largest state size N (the backward holds BLOCK_N slices; the ceiling is the brief's)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +371,7 @@ _INTERP_BLOCK_T = 16  # the interpreter's scan is a Python loop per element: kee
 
 
 def _block_t() -> int:
-    return _INTERP_BLOCK_T if _interpreting() else _GPU_BLOCK_T
+    return _INTERP_BLOCK_T if interpreting() else _GPU_BLOCK_T
 
 
 def _block_n(N: int) -> int:
@@ -424,7 +419,7 @@ def _tuned(kind: str, configs: tuple):
 
 
 def _launch(kind: str, dim: int, G: int, batch: int, N: int, args: tuple, kwargs: dict):
-    if _interpreting():
+    if interpreting():
         bd = min(4, triton.next_power_of_2(dim))
         configs = _allowed_block_d(dim, G, ((bd, 4),))
         bd = configs[0][0]
@@ -616,7 +611,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     PyTorch reference.
     """
     batch, dim, L, N, G, B4, C4 = _check_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx)
-    if not (u.is_cuda or _interpreting()):
+    if not (u.is_cuda or interpreting()):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, seq_idx)
     need_grad = torch.is_grad_enabled() and any(

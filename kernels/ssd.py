@@ -43,19 +43,20 @@ the work split, not the function (the Triton path uses at least 16).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .ssd_reference import ssd_chunked_ref, ssd_sequential_ref, ssd_step
+from .triton_util import interpreting
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether ssd_chunked runs the Triton kernels on x (else the PyTorch reference)."""
     if x.dtype == torch.float64:
         return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or interpreting()
 
 
 def _check(name, t, dims, floating=True, shape=None):
@@ -169,7 +170,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_sof
                 return_final_states=False):
     """Chunked SSD scan (see the module docstring). Returns y, or (y, final_states)."""
     validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx)
-    if not _use_triton(x):
+    if not use_triton(x):
         return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                dt_softplus=dt_softplus, dt_limit=dt_limit,
                                initial_states=initial_states, seq_idx=seq_idx,

@@ -6,8 +6,16 @@ import os
 import triton
 import triton.language as tl
 
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1). Read at call
+    time: the launchers choose tile sizes and fallbacks by it, and tests switch it off."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # PTX cannot run under the interpreter. Read at import, as @triton.jit itself reads it.
-FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+FAST_EXP = tl.constexpr(not interpreting())
 
 
 @triton.jit

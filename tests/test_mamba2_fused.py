@@ -34,7 +34,7 @@ def check(hs, ngroups=2, L=37, seq=False, dtype=torch.float32, d_model=32, headd
     ref = Mamba2Mixer(d_model, d_state=d_state, headdim=headdim, ngroups=ngroups, head_structure=hs,
                       chunk_size=chunk, impl="torch").to(DEVICE).double()
     ref.load_state_dict(mixer.state_dict())
-    assert mixer._fused(torch.empty(1, device=DEVICE)) and not ref._fused(torch.empty(1, device=DEVICE))
+    assert mixer._triton(torch.empty(1, device=DEVICE)) and not ref._triton(torch.empty(1, device=DEVICE))
     u = torch.randn(2, L, d_model, device=DEVICE)
     sq = random_seq_idx(2, L, cuts=2) if seq else None
     ui, ur = u.clone().requires_grad_(True), u.double().requires_grad_(True)

@@ -30,11 +30,10 @@ import torch
 from torch import nn
 
 from ssdbench.errors import require, require_positive_int
-import os
-
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from ssdbench.kernels.gated_rmsnorm import gated_rms_norm_ref
 from ssdbench.kernels.mamba2_fused import Dims, mamba2_inner
-from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_step
+from ssdbench.kernels.ssd import ssd_chunked_ref, ssd_step, use_triton
 from ssdbench.models.layers import GatedRMSNorm
 from ssdbench.models.lm import LanguageModel
 
@@ -91,39 +90,34 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.D.fill_(1.0)
 
-    def _ssd(self, x, *args, **kwargs):
-        # auto: the Triton kernels on a GPU, the PyTorch reference on a CPU (even when the Triton
-        # interpreter is enabled: it is for testing kernels, far too slow to train with).
-        if self.impl == "torch" or (self.impl == "auto" and not x.is_cuda):
-            return ssd_chunked_ref(x, *args, **kwargs)
-        return ssd_chunked(x, *args, **kwargs)
-
-    def _fused(self, t: torch.Tensor) -> bool:
-        """The Triton path runs conv, SSD and norm as one Function (kernels/mamba2_fused.py)."""
-        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-        return self.impl != "torch" and t.dtype != torch.float64 and (t.is_cuda or (self.impl == "triton" and interpreting))
+    def _triton(self, t: torch.Tensor) -> bool:
+        """Whether this mixer runs the Triton kernels: impl "triton" wherever ssd_chunked would
+        (CUDA, or the CPU interpreter), "auto" on CUDA only (the interpreter is for testing
+        kernels, far too slow to train with), never "torch"."""
+        wanted = self.impl == "triton" or (self.impl == "auto" and t.is_cuda)
+        return wanted and use_triton(t)
 
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         batch, L, _ = u.shape
         proj = self.in_proj(u)  # (batch, L, d_inner + conv_dim + H) = [z | x B C | dt]
         A = -torch.exp(self.A_log.float())  # (H,)
-        if self._fused(proj):
+        if self._triton(proj):  # conv, SSD and norm as one Function (kernels/mamba2_fused.py)
             dims = Dims(self.d_inner, self.Hx, self.P, self.Gb, self.Gc, self.N, self.H)
             y = mamba2_inner(proj, self.conv1d.weight, self.conv1d.bias, A, self.D, self.dt_bias, self.norm.weight,
                              dims, self.chunk_size, self.dt_limit, self.norm.eps, self.norm.group_size, seq_idx)
             return self.out_proj(y)  # y (batch, L, d_inner)
+        # the plain-PyTorch path (the CPU path and the reference of the tests)
         z, xBC, dt = torch.split(proj, [self.d_inner, self.conv_dim, self.H], dim=-1)
-        # channel-last conv on the projection's slice: no copy, and no transposed view at the
-        # edge of a torch.compile graph (whose gradient AOTAutograd would copy)
         xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx,
-                            impl="torch" if self.impl == "torch" else "auto", channel_last=True)  # (batch, L, conv_dim)
+                            impl="torch", channel_last=True)  # (batch, L, conv_dim)
         x, B, C = torch.split(xBC, self.splits[1:4], dim=-1)
         x = x.reshape(batch, L, self.Hx, self.P)  # (batch, L, Hx, P)
         B = B.reshape(batch, L, self.Gb, self.N)  # (batch, L, Gb, N)
         C = C.reshape(batch, L, self.Gc, self.N)  # (batch, L, Gc, N)
-        y = self._ssd(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                      dt_limit=self.dt_limit, seq_idx=seq_idx)  # (batch, L, H, P)
-        y = self.norm(y.reshape(batch, L, self.d_inner), z)  # (batch, L, d_inner)
+        y = ssd_chunked_ref(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                            dt_limit=self.dt_limit, seq_idx=seq_idx)  # (batch, L, H, P)
+        y = gated_rms_norm_ref(y.reshape(batch, L, self.d_inner), z, self.norm.weight, self.norm.eps,
+                               self.norm.group_size)  # (batch, L, d_inner)
         return self.out_proj(y)
 
     # ---- decoding ----------------------------------------------------------------------------
