@@ -45,9 +45,10 @@ def pow2_factor(*values: int, cap: int = 16) -> int:
     Triton marks an integer argument as a multiple of 16 when it is one, and knows nothing
     of it otherwise. A row stride such as 3352 (Mamba-2's in_proj width at 125M, 8 x 419)
     therefore hides that every row starts 16 bytes apart in bf16, and the loads along the
-    row compile to 2-byte scalars (PTX of the conv backward: 256 `ld.global.b16` against 38
-    16-byte vector loads with a stride of 3360). Kernels take ``stride // f`` and a constexpr
-    ``f`` and multiply back, so the compiler sees the factor."""
+    row compile to 2-byte scalars (the conv backward's x loads for sm_90a: 64 `ld.global.b16`,
+    against 8 16-byte loads with the factor known; scripts/sm90_compile_stats.py conv_g).
+    Kernels take ``stride // f`` and a constexpr ``f`` and multiply back, so the compiler sees
+    the factor."""
     f = 1
     while f < cap and all(v % (2 * f) == 0 for v in values):
         f *= 2
