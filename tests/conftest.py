@@ -15,6 +15,7 @@ if not HAS_CUDA:
 
 # The device every kernel test runs on: the GPU when there is one, else the CPU interpreter.
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+ON_GPU = DEVICE == "cuda"
 
 
 @pytest.fixture
@@ -43,6 +44,17 @@ def nan_allocator(monkeypatch, module, name: str) -> None:
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(module.torch, name, nan_alloc)
+
+
+def poison_fixture(module, name: str = "empty"):
+    """A ``poison`` fixture for a kernel module's tests: the outputs its launchers allocate with
+    ``torch.<name>`` start as NaN (``nan_allocator``). Use: ``poison = poison_fixture(module)``."""
+
+    @pytest.fixture
+    def poison(monkeypatch):
+        nan_allocator(monkeypatch, module, name)
+
+    return poison
 
 
 def random_seq_idx(batch: int, L: int, cuts: int = 3) -> torch.Tensor:

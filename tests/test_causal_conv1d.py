@@ -5,11 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, nan_allocator, random_seq_idx, rel_err
+from conftest import DEVICE, ON_GPU, poison_fixture, random_seq_idx, rel_err
 from ssdbench.kernels import causal_conv1d as cc
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 
-ON_GPU = DEVICE == "cuda"
 # Interpreter tiles: forward 32 steps, backward 2 x 16; lengths cross and miss those boundaries.
 L_TEST = 300 if ON_GPU else 45
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -18,10 +17,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 pytestmark = pytest.mark.usefixtures("random_seed")
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Outputs the kernels leave unwritten are NaN, which fails every comparison."""
-    nan_allocator(monkeypatch, cc, "empty_like")
+poison = poison_fixture(cc, "empty_like")  # launcher outputs start as NaN
 
 
 def check(batch, dim, L, W, activation, use_seq, has_bias=True, dtype=torch.float32, channel_last=False):

@@ -4,12 +4,11 @@ of x, z and weight; the model layer it replaces; fallbacks; input checking."""
 import pytest
 import torch
 
-from conftest import DEVICE, nan_allocator, rel_err
+from conftest import DEVICE, ON_GPU, poison_fixture, rel_err
 from ssdbench.kernels import gated_rmsnorm as gr
 from ssdbench.kernels.gated_rmsnorm import gated_rms_norm, gated_rms_norm_ref
 from ssdbench.models.layers import GatedRMSNorm
 
-ON_GPU = DEVICE == "cuda"
 # Interpreter tiles are 2 rows and the backward runs at most 3 programs looping over tiles:
 # odd row counts leave a half tile, and 10 rows give a program a tile past the end.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -18,10 +17,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 pytestmark = pytest.mark.usefixtures("random_seed")
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Outputs the kernels leave unwritten are NaN, which fails every comparison."""
-    nan_allocator(monkeypatch, gr, "empty")
+poison = poison_fixture(gr)  # launcher outputs start as NaN
 
 
 def check(lead, d, g, dtype=torch.float32, sliced=False, z_dtype=None, pad=0):

@@ -6,22 +6,17 @@ and lengths that are not a multiple of the chunk."""
 import pytest
 import torch
 
-from conftest import DEVICE, nan_allocator, random_seq_idx, rel_err
+from conftest import DEVICE, ON_GPU, poison_fixture, random_seq_idx, rel_err
 from ssdbench.kernels import mamba2_fused
 from ssdbench.kernels.mamba2_fused import Dims, mamba2_inner
 from ssdbench.models.mamba2 import Mamba2Mixer
 
-ON_GPU = DEVICE == "cuda"
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 
 pytestmark = pytest.mark.usefixtures("random_seed")
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Gradient elements the kernels leave unwritten (the d(proj) and d(xBC) buffers are
-    filled piece by piece) are NaN, which fails every comparison."""
-    nan_allocator(monkeypatch, mamba2_fused, "empty_like")
+poison = poison_fixture(mamba2_fused, "empty_like")  # launcher outputs start as NaN
 
 
 def check(hs, ngroups=2, L=37, seq=False, dtype=torch.float32, d_model=32, headdim=16, d_state=16, chunk=16):

@@ -10,12 +10,11 @@ import random
 import pytest
 import torch
 
-from conftest import DEVICE, random_seq_idx, rel_err
+from conftest import DEVICE, ON_GPU, random_seq_idx, rel_err
 from ssdbench.kernels import selective_scan as ss
 from ssdbench.kernels.selective_scan import (selective_scan, selective_scan_ref,
                                              selective_state_update)
 
-ON_GPU = DEVICE == "cuda"
 LENGTHS = (1, 64, 150, 333) if ON_GPU else (1, 16, 37)
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 

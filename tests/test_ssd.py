@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, ON_GPU, rel_err
 
 from ssdbench.kernels import ssd_triton
 from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_sequential_ref, ssd_step
 
-ON_GPU = DEVICE == "cuda"
 
 # head structures (Mamba-2 §7): name -> (Hx, Gb, Gc) as functions of H
 STRUCTS = {
@@ -127,6 +126,16 @@ def test_lengths_and_chunks(L, chunk):
     seed = fresh_seed()
     t, seq = make_inputs(1, L, 2, 16, 32, struct="mva", seq=L > 2)
     compare(ssd_chunked, t, seq, chunk, 2e-5, 2e-4, seed)
+
+
+@pytest.mark.parametrize("struct,N", [("mva", 256), ("mha", 160), ("gva", 200)])
+def test_wide_state(struct, N):
+    """N > 128: the forward chunk kernel takes C S^T in 64-wide state slices (N = 160 and 200
+    leave the last slices partly or wholly masked), and the state walks may take the whole N
+    as one tile."""
+    seed = fresh_seed()
+    t, seq = make_inputs(1, 40, 4, 16, N, struct=struct, seq=True)
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed)
 
 
 @pytest.mark.parametrize("opts", [
