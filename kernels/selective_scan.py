@@ -8,8 +8,9 @@ Per channel d (D channels) and state n (N states), with diagonal real A (Mamba ย
 Hardware-aware design (Mamba ยง3.3): the expanded state (batch, D, L, N) never touches memory.
 
 Forward: a sequential walk. A program owns (one sequence, BLOCK_D channels, all N states); its
-threads hold the state h (N, BLOCK_D) in registers, one channel per lane, and advance it one
-time step at a time (one exp and three FMAs per state element). The time axis is not split:
+threads hold the state h (N, BLOCK_D) in registers, 16 or 32 states of a channel per thread (one
+channel per lane up to N = 16, beyond that a few lanes share one), and advance it one time step
+at a time (one exp and three FMAs per state element). The time axis is not split:
 the programs of a batch already fill the GPU at the benchmark shapes (65,536 tokens).
 
 Backward: a program owns (one sequence, BLOCK_D channels), walks L in time blocks of BLOCK_T
@@ -391,14 +392,18 @@ def _allowed_block_d(dim: int, G: int, candidates) -> tuple:
 
 
 def _walk_candidates(N: int) -> tuple:
-    """(BLOCK_D, num_warps) of the forward walk: min(NP, 32) state elements per thread (one
-    channel per lane up to N = 32; beyond, 2-8 lanes share a channel's states) and for
-    N >= 64 also 64 (fewer lanes per channel, more registers), 1-4 warps.
-    Few candidates on purpose: each is a long unrolled kernel to compile, and the GPU tests
-    autotune every shape they run (18 candidates made them take minutes)."""
+    """(BLOCK_D, num_warps) of the forward walk: 16 or 32 of a channel's NP states per thread
+    (NP / 16 or NP / 32 lanes share a channel; one channel per lane up to N = 16), for N = 64
+    also one channel per lane (64 states), on one or two warps.
+
+    From `scripts/scan_sweep.py` on the H100 (session 8, results/h100/session8): at N = 128 and
+    256, 16 states per thread on one warp were fastest (12.3 and 19.9 ms at L = 4K, 65,536
+    tokens, D = 2048), 32 per thread 8-30 % slower, 64 per thread spilled (79-249 ms); wider
+    programs (4-8 warps) lost at every N. Few candidates on purpose: each is a long unrolled
+    kernel to compile, and the GPU tests autotune every shape they run."""
     NP = triton.next_power_of_2(N)
-    per_thread = sorted({min(NP, 32), min(NP, 64)})  # N >= 64: also one channel per lane
-    return tuple((32 * nw * e // NP, nw) for e in per_thread for nw in (1, 2, 4))
+    per_thread = {min(NP, 16), min(NP, 32)} | ({64} if NP == 64 else set())
+    return tuple((32 * nw * e // NP, nw) for e in sorted(per_thread) for nw in (1, 2))
 
 
 _WALK_K = 8  # time steps per tile of the forward walk (16 ran out of registers: ptxas, sm_90)
