@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssdbench.kernels import cross_entropy as ce_kernels
 from ssdbench.models.layers import RMSNorm
 
 
@@ -120,7 +121,8 @@ class LanguageModel(nn.Module):
         the cut to vocab_size, the fp32 upcast, log-softmax and the gather then fuse into
         reductions over the bf16 logits (uncompiled: strided and fp32 copies of the logits, fp32
         log-probabilities and zero fills, about 16.6 ms of a 16K-token step at vocabulary 50,280
-        on an H100 against 2.5 ms compiled; results/h100/session6).
+        on an H100 against 2.5 ms compiled; results/h100/session6). That is the CPU path; on a GPU
+        ``_head`` takes the fused Triton head and loss instead (kernels/cross_entropy.py).
         """
         hidden, residual = self.embedding(input_ids), None  # (batch, L, d_model)
         for layer in self.layers:
@@ -132,8 +134,20 @@ class LanguageModel(nn.Module):
         """Final norm, tied head and the loss. A method of its own for torch.compile: the
         project's kernels break the graph inside the layer loop, and Dynamo then runs the loop's
         frame (forward) eagerly and compiles only the frames it calls, the blocks and this one
-        (written inline, the cross-entropy ran eagerly: seen in the H100 profile)."""
+        (written inline, the cross-entropy ran eagerly: seen in the H100 profile).
+
+        With labels on a GPU, head and loss are kernels/cross_entropy.py's linear_cross_entropy
+        (in the autocast dtype when autocast is on): its forward kernel computes the loss and
+        the logits' gradient in one read of the logits, and the backward is two matmuls. It
+        traces into the compiled graph without a break. On the CPU (and for float64 weights)
+        the PyTorch form below."""
         x = self.norm_f(hidden if residual is None else residual + hidden)  # (batch, L, d_model)
+        if labels is not None and ce_kernels.model_head_applies(x):
+            weight = self.embedding.weight  # (padded_vocab, d_model)
+            if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # what autocast would give F.linear
+            return ce_kernels.linear_cross_entropy(x.flatten(0, 1), weight.to(x.dtype), labels.flatten(),
+                                                   self.vocab_size, ignore_index)
         logits = F.linear(x, self.embedding.weight)[..., : self.vocab_size]  # tied head: (batch, L, V)
         if labels is None:
             return logits
