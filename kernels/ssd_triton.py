@@ -321,7 +321,7 @@ def _ssd_chunk_fwd(x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, dtp_ptr, cs_ptr, seq_ptr, 
         S_T = tl.load(st_base + p[None, :] * N + nk[:, None], mask=pm[None, :] & nkm[:, None], other=0.0)  # (BNK, BP) = S_prev^T
         acc += _dot(Ck, S_T, DT, PREC)
     acc = acc * inter[:, None]  # (T, BP)
-    if not USE_CB:
+    if not USE_CB:  # C B^T formed here per s-tile: the whole C_t again (an L1/L2 hit, just read above)
         Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
     if HAS_D:
         Dv = tl.load(D_ptr + h * sD_h + p * sD_p, mask=pm, other=0.0).to(tl.float32)  # (BP,)
@@ -714,13 +714,13 @@ _alloc = torch.empty
 _BIG = 3.0e38  # stands for +inf in dt_limit (a finite float keeps the kernel argument simple)
 
 
-def _prune_T(configs, named_args, **kwargs):
+def _prune_tiles(configs, named_args, **kwargs):
     """Configs whose time tile T fits in the chunk (T must divide Q; both are powers of 2) and
     whose state tile BN, where they carry one, is no wider than N padded as `_tiles` pads it
     (a wider tile only adds masked columns)."""
     Q = kwargs.get("Q", named_args.get("Q", 64))
     N = named_args.get("N", kwargs.get("N"))
-    n_max = max(64, _next_pow2(N)) if N else float("inf")
+    n_max = _padded_tile(N) if N else float("inf")
     ok = [c for c in configs if c.kwargs.get("T", 0) <= Q and c.kwargs.get("BN", 0) <= n_max]
     return ok or [triton.Config(dict(configs[0].kwargs, T=Q), num_warps=4, num_stages=1)]
 
@@ -735,7 +735,7 @@ def _tuned(kernel, configs, key, reset_to_zero=None, tile_T=False):
         if not INTERPRET:
             fixed.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return kernel, fixed
-    prune = {"early_config_prune": _prune_T} if tile_T else None
+    prune = {"early_config_prune": _prune_tiles} if tile_T else None
     # reset_to_zero: outputs that are accumulated atomically must start from zero in every
     # timing run of the autotuner, or the first (tuning) call returns a multiple of the sum
     # a list of its own per autotuner: torch.compile traces into the autotuner and refused two
@@ -824,11 +824,16 @@ def _tiles(P: int, N: int, Q: int):
     256 tokens, 300 passes) failed at every P < 64 with N = 64 and passed at P >= 64 for
     every N (notes/ssd.md). The masked columns cost time only for P < 64 (N < 64 for BN)."""
     T = min(Q, 64)
-    BP = max(64, _next_pow2(P))
+    BP = _padded_tile(P)
     # BN likewise: with N = 16 one autotuned config of the dB kernel faulted the same way
     # ("an illegal memory access" at batch 16 x 4096 tokens, H = 32, P = 64; session 5)
-    BN = max(64, _next_pow2(N))
+    BN = _padded_tile(N)
     return T, BP, BN
+
+
+def _padded_tile(n: int) -> int:
+    """A head-dim or state tile: n rounded up to a power of two, at least 64 (see `_tiles`)."""
+    return max(64, _next_pow2(n))
 
 
 def _state_slice(BN: int) -> int:
