@@ -17,7 +17,8 @@ PyTorch form). The backward is then two matmuls; the upstream gradient (a scalar
 their small (M, d) and (V_pad, d) results, never the (M, V_pad) buffer.
 
 ``scale`` is a device tensor (no host synchronisation: a training step may run as a CUDA graph).
-Labels must be ``ignore_index`` or lie in [0, vocab_size); others are not checked. Rows whose
+Labels must be ``ignore_index`` or lie in [0, vocab_size); any other makes the loss NaN (checked
+in the kernel, so no host synchronisation; never read past the row). Rows whose
 label is ``ignore_index`` get loss 0 and a zero gradient, and so do the padding columns of
 every row. CPU tensors (unless TRITON_INTERPRET=1) and float64 go to ``linear_cross_entropy_ref``.
 """
@@ -66,9 +67,12 @@ def _cross_entropy_fwd_bwd_kernel(logits_ptr, labels_ptr, scale_ptr, loss_ptr, s
             s = s * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((x - m_new) * _LOG2E), axis=0)
             m = m_new
         lse2 = m * _LOG2E + tl.log2(s)  # logsumexp in base 2: softmax = 2^(x log2 e - lse2)
-        col = label.to(tl.int32)  # the label's column (labels may come as int64)
+        # a label outside [0, vocab_size) reads column 0 instead (never past the row) and makes
+        # the row's loss NaN: the mean loss shows it without a host-side check (a sync)
+        bad = (label < 0) | (label >= n_classes)
+        col = tl.where(bad, 0, label).to(tl.int32)  # the label's column (labels may come as int64)
         target = tl.load(row_ptr + col).to(tl.float32)  # the label's logit
-        tl.store(loss_ptr + row, lse2 * _LN2 - target)
+        tl.store(loss_ptr + row, tl.where(bad, float("nan"), lse2 * _LN2 - target))
         # pass 2 over the whole row, padding included: overwrite the logits with the gradient of
         # the mean loss. Each block is read before it is written, by this program only.
         scale = tl.load(scale_ptr)

@@ -242,3 +242,14 @@ def test_bad_inputs(fn):
     for kwargs, name in cases:
         with pytest.raises(ValueError, match=rf"^{name}:"):
             fn(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [-1, 40, 47, 10_000])
+def test_label_out_of_range_gives_nan(bad):
+    """A label that is neither ignore_index nor a class (below 0, in the padding, past the
+    row) makes the loss NaN instead of reading another row's memory or giving a finite loss."""
+    x, weight, labels = make_inputs(6, 8, 40, 48)
+    labels[2] = bad
+    assert torch.isnan(linear_cross_entropy(x, weight, labels, 40))
+    labels[2] = 5
+    assert torch.isfinite(linear_cross_entropy(x, weight, labels, 40))
