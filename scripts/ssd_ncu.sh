@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ncu profile of the SSD chunk kernels at the reference shape (device machine; writes $OUT).
+# ncu profile of the SSD chunk kernels (device machine; writes $OUT); default: the reference shape.
 #   bash scripts/ssd_ncu.sh [regex of kernel names] [extra args for ssd_profile.py]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

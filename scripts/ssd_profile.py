@@ -1,14 +1,19 @@
-"""Run SSD forward+backward at one shape a few times (for ncu / timing on the GPU).
+"""SSD forward+backward at one shape on the GPU: run it for ncu, or print each kernel's time.
 
-    python scripts/ssd_profile.py --L 4096 --iters 3          # reference shape, bf16
+    python scripts/ssd_profile.py --L 4096 --iters 3       # reference shape, bf16 (ncu: scripts/ssd_ncu.sh)
+    python scripts/ssd_profile.py --times --L 2048 --tokens 16384 --H 24   # per-kernel table (torch profiler)
 
-With SSD_NO_AUTOTUNE=1 every kernel takes its first (fixed) config, so ncu sees the same
-kernels in every iteration and does not profile autotuning launches.
+The inputs and options (D, dt_bias, softplus) are the benchmark's (`bench_ssd.ssd_inputs`):
+the kernel variants profiled are those timed and trained. The second line is the SSD call of
+a 125M Mamba-2 training step (16K tokens, 24 heads, one B/C group). With SSD_NO_AUTOTUNE=1
+every kernel takes its first (fixed) config, so ncu sees the same kernels in every iteration
+and does not profile autotuning launches.
 """
 import argparse
 
 import torch
 
+from ssdbench import bench_report
 from ssdbench.bench_ssd import ssd_inputs
 from ssdbench.kernels.ssd import ssd_chunked
 
@@ -22,18 +27,24 @@ def main():
     ap.add_argument("--N", type=int, default=128)
     ap.add_argument("--Q", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--times", action="store_true", help="print GPU time per kernel (after 3 warm-up runs)")
     a = ap.parse_args()
-    batch = a.tokens // a.L
-    # the benchmark's inputs and options (D, dt_bias, softplus): the same kernel variants
-    (x, dt, A, B, C), kw, leaves = ssd_inputs(batch, a.L, a.H, a.P, a.N, 1, torch.bfloat16)
+    (x, dt, A, B, C), kw, leaves = ssd_inputs(a.tokens // a.L, a.L, a.H, a.P, a.N, 1, torch.bfloat16)
     for t in leaves:
         t.requires_grad_()
     dy = torch.randn_like(x)  # (batch, L, H, P)
-    for _ in range(a.iters):
+
+    def step():
         y = ssd_chunked(x, dt, A, B, C, a.Q, **kw)
-        y.backward(dy)
+        torch.autograd.grad(y, leaves, dy)
+
+    for _ in range(3 if a.times else a.iters):  # with --times: autotune and compile first
+        step()
     torch.cuda.synchronize()
-    print("done", tuple(y.shape))
+    if a.times:
+        k = bench_report.kernel_times(step, iters=5, width=60)
+        print(k.to_string(index=False))
+        print(f"total {k.ms_per_iter.sum():.3f} ms")
 
 
 if __name__ == "__main__":
