@@ -16,10 +16,11 @@ backward (dy = dL/dy before the gate)
   _ssd_gate_bwd    dy = dout silu(z), dz = dout y silu'(z).
   _ssd_state_bwd   reverse walk: dS <- exp(sum dA) dS + (exp(cs) dy)^T C, written at chunk ends.
   _ssd_chunk_bwd_dc  dC (summed over the heads of a C group) and per head dy_t . y_inter_t and
-                     the row and column sums of the fp32 G tiles (below).
+                     the row sums of the fp32 G tiles (below).
   _ssd_chunk_bwd_dx  dx (summed over the heads of an x group), d(dt x) . x, dD partials,
                      and the pieces of the log-decay gradient.
-  _ssd_chunk_bwd_db  dB (summed over the heads of a B group).
+  _ssd_chunk_bwd_db  dB (summed over the heads of a B group) and per head the column sums of
+                     the G tiles, B_s . (a head's in-chunk dB).
   _ssd_dt_bwd      d(dA) from the pieces (reverse cumsums inside a chunk), ddt, dA, dt_bias.
 
 The log-decay gradient. Inside a chunk, with cs the cumsum of dA from the chunk start,
@@ -28,9 +29,11 @@ dL/d(dA_j) = sum over every term whose decay factor spans j:
  + sum_{t>=j} dy_t . y_inter_t                    (outputs fed by the previous chunk's state)
  + sum_{s<j} dt_s x_s^T dS_end B_s exp(cs_last - cs_s)   (inputs that reach the chunk end)
  + exp(cs_last) <dS_end, S_prev>                 (the state carried through the chunk).
-The first sum is revcumsum_j(rowsum G - colsum G), with the T x T tiles of G formed once in
-fp32 (in _ssd_chunk_bwd_dc, from dy x^T and C B^T) so that the pairs inside [j, Q) cancel
-exactly; no Q x Q matrix is stored, only row sums and per-tile column sums.
+The first sum is revcumsum_j(rowsum G - colsum G). The row sums are taken over T x T tiles of
+G (_ssd_chunk_bwd_dc, from dy x^T and C B^T), the column sums as B_s . sum_t W_ts C_t from
+the dB kernel's dot (_ssd_chunk_bwd_db); both use W = (dy.x) M dt formed by the same fp32
+operations and rounded alike, so that the pairs inside [j, Q) cancel. No Q x Q matrix is
+stored.
 C B^T is computed once per chunk for all heads that share it (_ssd_bmm_cb) when B and C
 are shared (GH > 1 heads per (B group, C group) pair), else inside the kernels.
 """
@@ -66,6 +69,17 @@ def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def _dot_operand(a, DT: tl.constexpr):
+    """a (fp32) rounded as _dot rounds its operands, returned in fp32."""
+    if DT == "bf16" or DT == "bf16emu":
+        return a.to(tl.bfloat16).to(tl.float32)
+    elif DT == "fp16" or DT == "fp16emu":
+        return a.to(tl.float16).to(tl.float32)
+    else:
+        return a
 
 
 @triton.jit
@@ -390,7 +404,7 @@ def _ssd_gate_bwd(dout_ptr, z_ptr, y_ptr, dy_ptr, dz_ptr, R, L, H, P,
 
 @triton.jit
 def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_ptr, cb_ptr,
-                      dC_ptr, row_ptr, dda_ptr,
+                      dC_ptr, row_ptr,
                       L, H, P, N, HPX, HPB, HPC, GH, HS,
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                       sy_b, sy_l, sy_h, sy_p, ss_b, ss_l,
@@ -399,10 +413,8 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
                       DT: tl.constexpr, PREC: tl.constexpr):
     """For one T-tile of a chunk and one C group (or 1/HS of its heads, adding atomically):
     dC_t = sum_h [exp(cs_t) S_prev^T dy_t + sum_{s<=t} M_ts dt_s (dy_t.x_s) B_s];
-    per head, row_t = dy_t . y_inter_t + sum_s G_ts and the column sums of G for this
-    t-tile, where G_ts = (dy_t.x_s)(C_t.B_s) dt_s M_ts is formed once in fp32: the row and
-    column sums then cancel exactly in revcumsum(row - col) (computed from two different
-    bf16 products they did not: 10-100% error in dA was seen on the GPU)."""
+    per head, row_t = dy_t . y_inter_t + sum_s G_ts with G_ts = (dy_t.x_s)(C_t.B_s) dt_s M_ts.
+    G's column sums come from _ssd_chunk_bwd_db's dB dot (see there)."""
     NTB: tl.constexpr = Q // T
     nc = tl.cdiv(L, Q)
     tb, k, c, b = _tile_ids(NTB, (H // HPC) * HS, nc)
@@ -463,9 +475,9 @@ def _ssd_chunk_bwd_dc(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, st_
             else:
                 B_T = tl.load(B_base + s[None, :] * sB_l + n[:, None] * sB_n, mask=sm[None, :] & nm[:, None], other=0.0)
                 CB = _dot(Ct, B_T, DT, PREC)
-            G = W * CB  # (T_t, T_s) fp32: row and column sums come from the same numbers
-            tl.store(dda_ptr + ((b * H + h) * NTB + tb) * L + s, tl.sum(G, axis=0), mask=sm)
-            rowg += tl.sum(G, axis=1)
+            # G (T_t, T_s) summed along its rows, with W rounded as _ssd_chunk_bwd_db's dot
+            # rounds it (its column sums come from that dot)
+            rowg += tl.sum(_dot_operand(W, DT) * CB, axis=1)
         tl.store(row_ptr + (b * H + h) * L + t, a_t + rowg, mask=tm)
     o = dC_ptr + (b * L + t[:, None]) * ((H // HPC) * N) + g * N + n[None, :]
     if ATOMIC:
@@ -588,14 +600,25 @@ def _ssd_chunk_bwd_dx(x_ptr, B_ptr, C_ptr, dy_ptr, D_ptr, A_ptr, dtp_ptr, cs_ptr
 
 
 @triton.jit
-def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, dB_ptr,
+def _ssd_chunk_bwd_db(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr,
+                      dB_ptr, col_ptr,
                       L, H, P, N, HPX, HPB, HPC, HS,
-                      sx_b, sx_l, sx_h, sx_p, sC_b, sC_l, sC_g, sC_n,
+                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                       sy_b, sy_l, sy_h, sy_p, ss_b, ss_l,
                       Q: tl.constexpr, T: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_SEQ: tl.constexpr, ATOMIC: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr):
-    """dB_s = sum_h dt_s [sum_{t>=s} M_ts (dy_t.x_s) C_t + exp(cs_last - cs_s) dS_end^T x_s]."""
+    """dB_s = sum_h dt_s [sum_{t>=s} M_ts (dy_t.x_s) C_t + exp(cs_last - cs_s) dS_end^T x_s];
+    per head, col_s = sum_t G_ts, the column sums of the pair matrix of _ssd_chunk_bwd_dc.
+
+    The in-chunk part of a head's dB, D_s = sum_t W^T_st C_t with W^T_st = (x_s.dy_t) M_ts
+    dt_s, gives them without a T x T tile: col_s = sum_t W_ts (C_t.B_s) = B_s . D_s. The dot
+    rounds W to the operand dtype, so _ssd_chunk_bwd_dc sums the same rounded W (formed by
+    the same fp32 operations on the same inputs) times C B^T along its rows: the row and
+    column sums must cancel in revcumsum(row - col), and from differently rounded numbers
+    they did not (10-100 % error in dA on the GPU). Summed along the columns of G in
+    _ssd_chunk_bwd_dc, these sums crossed the warps through shared memory for every tile
+    pair."""
     NTB: tl.constexpr = Q // T
     nc = tl.cdiv(L, Q)
     sb, k, c, b = _tile_ids(NTB, (H // HPB) * HS, nc)
@@ -630,6 +653,7 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
         # dt_s (and the decay to the chunk end) scale the rows of x and of x.dy before the
         # products, so every head adds into the one accumulator (a per-head one spilled)
         acc += _dot(xs * (dt_s * wst)[:, None], dS, DT, PREC)  # (T, BN)
+        Dh = tl.zeros((T, BN), dtype=tl.float32)  # this head's in-chunk part of dB
         for tb in range(sb, NTB):
             t = c * Q + tb * T + tl.arange(0, T)
             tm = t < L
@@ -643,7 +667,11 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
                 keep = keep & (sq_t[None, :] == sq_s[:, None])
             Mt = exp2_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
             Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
-            acc += _dot(xdy * (Mt * dt_s[:, None]), Ct, DT, PREC)
+            Dh += _dot(xdy * (Mt * dt_s[:, None]), Ct, DT, PREC)  # W^T of _ssd_chunk_bwd_dc times C_t
+        Bs = tl.load(B_ptr + b * sB_b + gb * sB_g + s[:, None] * sB_l + n[None, :] * sB_n,
+                     mask=sm[:, None] & nm[None, :], other=0.0)  # (T, BN)
+        tl.store(col_ptr + (b * H + h) * L + s, tl.sum(Bs.to(tl.float32) * Dh, axis=1), mask=sm)
+        acc += Dh
     o = dB_ptr + (b * L + s[:, None]) * ((H // HPB) * N) + gb * N + n[None, :]
     if ATOMIC:
         tl.atomic_add(o, acc, mask=sm[:, None] & nm[None, :], sem="relaxed")
@@ -652,10 +680,10 @@ def _ssd_chunk_bwd_db(x_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst_ptr, d
 
 
 @triton.jit
-def _ssd_dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, seq_ptr, row_ptr, dda_ptr, u_ptr, ddtd_ptr,
+def _ssd_dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, seq_ptr, row_ptr, col_ptr, u_ptr, ddtd_ptr,
                 scal_ptr, ddt_ptr, dAp_ptr, dbp_ptr,
                 L, H, s_dt_b, s_dt_l, s_dt_h, ss_b, ss_l, lo, hi,
-                Q: tl.constexpr, T: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                Q: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -665,16 +693,12 @@ def _ssd_dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, seq_ptr, row_ptr, dda_ptr, u_p
     t = c * Q + tl.arange(0, Q)  # (Q,)
     m = (t < L)[:, None] & hm[None, :]  # (Q, BH)
     off = (b * H + h[None, :]) * L + t[:, None]  # (Q, BH)
-    NTB: tl.constexpr = Q // T
-    v = tl.load(row_ptr + off, mask=m, other=0.0)  # (Q, BH) dy_t . y_inter_t + rowG_t
+    # (Q, BH) dy_t . y_inter_t + rowG_t - colG_t
+    v = tl.load(row_ptr + off, mask=m, other=0.0) - tl.load(col_ptr + off, mask=m, other=0.0)
     u = tl.load(u_ptr + off, mask=m, other=0.0)
     sc = tl.load(scal_ptr + (b * H + h) * nc + c, mask=hm, other=0.0)  # (BH,)
     # dL/d(dA_j) = sum_{t>=j} (rowG_t + dy_t.y_inter_t - colG_t) + sum_{s<j} u_s + scal
     # (see the module docstring)
-    jt = tl.arange(0, Q) // T  # (Q,) tile of j
-    for tb in range(0, NTB):  # column sums of G from the t-tiles at or after j's tile
-        mt = m & (jt <= tb)[:, None]
-        v -= tl.load(dda_ptr + ((b * H + h[None, :]) * NTB + tb) * L + t[:, None], mask=mt, other=0.0)
     cv = tl.cumsum(v, axis=0)
     cu = tl.cumsum(u, axis=0)
     ddA = (tl.sum(v, axis=0)[None, :] - cv + v) + (cu - u) + sc[None, :]
@@ -997,14 +1021,13 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     GH = math.gcd(H // Gb, H // Gc)
     common = (L, H, P, N, H // Hx, H // Gb, H // Gc, GH)
     base = batch * nc * NTB
-    # dC, dy . y_inter and the in-chunk pair sums of the log-decay gradient, per head
+    # dC, and per head dy . y_inter plus the row sums of the in-chunk pairs G
     HSc = _head_split(base * Gc, H // Gc)
     dC = _out_buf((batch, L, Gc, N), C.dtype, dev, HSc)  # (batch, L, Gc, N)
     row = _alloc((batch, H, L), **f32)  # (batch, H, L)
-    dda = _alloc((batch, H, NTB, L), **f32)  # (batch, H, t-tile, L); read only where filled
     kern, kw = _select(_chunk_dc, _ssd_chunk_bwd_dc, _CHUNK_DC_FIXED, _CHUNK_CONFIGS, x)
     kern[(base * Gc * HSc,)](
-        x, B, C, dy, dtp, cs, seq, states, cb, dC, row, dda, *common, HSc,
+        x, B, C, dy, dtp, cs, seq, states, cb, dC, row, *common, HSc,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=GH > 1, ATOMIC=HSc > 1,
         DT=DT, PREC=PREC, **_fixed(kw, BN))
@@ -1025,15 +1048,16 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
         Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
         USE_CB=GH > 1, ATOMIC=HSx > 1, DT=DT, PREC=PREC, **_fixed(kw, BN))
 
-    # dB
+    # dB, and per head the column sums of the in-chunk pairs G
     HSb = _head_split(base * Gb, H // Gb)
     dB = _out_buf((batch, L, Gb, N), B.dtype, dev, HSb)  # (batch, L, Gb, N)
+    col = _alloc((batch, H, L), **f32)  # (batch, H, L)
     kern, kw = _select(_chunk_db, _ssd_chunk_bwd_db, _CHUNK_DB_FIXED, _CHUNK_CONFIGS, x)
     kern[(base * Gb * HSb,)](
-        x, C, dy, dtp, cs, seq, dst, dB, *common[:7], HSb,
-        *x.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
-        Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, ATOMIC=HSb > 1, DT=DT, PREC=PREC,
-        **_fixed(kw, BN))
+        x, B, C, dy, dtp, cs, seq, dst, dB, col, *common[:7], HSb,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), ss_b, ss_l,
+        Q=Q, T=T, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, ATOMIC=HSb > 1,
+        DT=DT, PREC=PREC, **_fixed(kw, BN))
 
     # d(dA) -> ddt, dA, dt_bias
     ddt = _alloc((batch, L, H), device=dev, dtype=dt.dtype)  # (batch, L, H)
@@ -1041,9 +1065,9 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt
     dAp, dbp = dAbp[0], dAbp[1]  # (batch, nc, H) each
     BH = min(16, _next_pow2(H))
     _ssd_dt_bwd[(batch, nc, triton.cdiv(H, BH))](
-        dt, dt_bias if dt_bias is not None else dt, A, dtp, seq, row, dda, u, ddtd, scal,
+        dt, dt_bias if dt_bias is not None else dt, A, dtp, seq, row, col, u, ddtd, scal,
         ddt, dAp, dbp, L, H, *dt.stride(), ss_b, ss_l, lo, hi,
-        Q=Q, T=T, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        Q=Q, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         HAS_LIMIT=has_lim, HAS_SEQ=seq_idx is not None)
 
     grads = []
