@@ -22,7 +22,7 @@ ap.add_argument("--d", type=int, default=768)
 ap.add_argument("--V", type=int, default=50280)
 ap.add_argument("--V-pad", type=int, default=50304)
 ap.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32])
 a = ap.parse_args()
 
 dev, bf16 = "cuda", torch.bfloat16
