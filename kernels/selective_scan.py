@@ -393,8 +393,9 @@ def _allowed_block_d(dim: int, G: int, candidates) -> tuple:
 
 def _walk_candidates(N: int) -> tuple:
     """(BLOCK_D, num_warps) of the forward walk: 16 or 32 of a channel's NP states per thread
-    (NP / 16 or NP / 32 lanes share a channel; one channel per lane up to N = 16), for N = 64
-    also one channel per lane (64 states), on one or two warps.
+    (NP / 16 or NP / 32 lanes share a channel; one channel per lane up to N = 16) on one or
+    two warps; at N = 64 instead 16 per thread on 1, 2 or 4 warps and 64 per thread (one
+    channel per lane) on 4.
 
     From `scripts/scan_sweep.py` on the H100 (session 8, results/h100/session8): at N = 128 and
     256, 16 states per thread on one warp were fastest (12.3 and 19.9 ms at L = 4K, 65,536
@@ -402,8 +403,10 @@ def _walk_candidates(N: int) -> tuple:
     programs (4-8 warps) lost at every N. Few candidates on purpose: each is a long unrolled
     kernel to compile, and the GPU tests autotune every shape they run."""
     NP = triton.next_power_of_2(N)
-    per_thread = {min(NP, 16), min(NP, 32)} | ({64} if NP == 64 else set())
-    return tuple((32 * nw * e // NP, nw) for e in sorted(per_thread) for nw in (1, 2))
+    layouts = [(e, nw) for e in sorted({min(NP, 16), min(NP, 32)}) for nw in (1, 2)]
+    if NP == 64:  # session 9's sweep at N = 64: 4 warps won with 16 (6.157 ms) or 64 (6.150) a thread
+        layouts = [(16, 1), (16, 2), (16, 4), (64, 4)]
+    return tuple((32 * nw * e // NP, nw) for e, nw in layouts)
 
 
 _WALK_K = 8  # time steps per tile of the forward walk (16 ran out of registers: ptxas, sm_90)
