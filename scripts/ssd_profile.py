@@ -45,6 +45,19 @@ def main():
         k = bench_report.kernel_times(step, iters=5, width=60)
         print(k.to_string(index=False))
         print(f"total {k.ms_per_iter.sum():.3f} ms")
+        print_tuned()
+
+
+def print_tuned():
+    """The configuration each autotuned SSD kernel settled on at this shape (what the table's
+    times belong to)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from ssdbench.kernels import ssd_triton
+
+    for name, obj in sorted(vars(ssd_triton).items()):
+        if isinstance(obj, Autotuner) and getattr(obj, "best_config", None) is not None:
+            print(f"{name}: {obj.best_config}")
 
 
 if __name__ == "__main__":
