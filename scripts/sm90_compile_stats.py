@@ -81,7 +81,7 @@ def conv_g(row: int) -> None:
 
 
 def ssd_dc() -> None:
-    ptrs = {n: "*fp32" for n in ("dtp_ptr", "cs_ptr", "cb_ptr", "dC_ptr", "row_ptr", "dda_ptr")}
+    ptrs = {n: "*fp32" for n in ("dtp_ptr", "cs_ptr", "cb_ptr", "dC_ptr", "row_ptr")}
     ptrs["seq_ptr"] = "*i32"
     consts = dict(Q=256, T=64, BP=64, BN=128, HAS_SEQ=False, USE_CB=True, ATOMIC=True, DT="bf16", PREC="tf32")
     div16 = {"L", "P", "N", "sx_b", "sx_l", "sx_h", "sB_b", "sB_l", "sC_b", "sC_l", "sy_b", "sy_l", "sy_h", "ss_b"}
