@@ -56,30 +56,29 @@ def _next_pow2(n: int) -> int:
 
 
 @triton.jit
-def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
-    # operands in the input dtype (tensor cores); fp32 inputs (and the interpreter, whose
-    # bf16 dot is wrong) use exact fp32 products. PREC is kept for the call sites' sake.
-    if DT == "fp32":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DT == "bf16emu":  # interpreter: round the operands as the GPU would, multiply in fp32
-        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32))
-    elif DT == "fp16emu":
-        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32))
-    elif DT == "bf16":
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
-
-
-@triton.jit
 def _dot_operand(a, DT: tl.constexpr):
-    """a (fp32) rounded as _dot rounds its operands, returned in fp32."""
+    """a rounded as _dot rounds its operands, returned in fp32 (kernels that must sum the
+    same numbers a dot multiplies use it; the interpreter's dot takes it as its operands)."""
     if DT == "bf16" or DT == "bf16emu":
         return a.to(tl.bfloat16).to(tl.float32)
     elif DT == "fp16" or DT == "fp16emu":
         return a.to(tl.float16).to(tl.float32)
     else:
-        return a
+        return a.to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    # operands in the input dtype (tensor cores); fp32 inputs (and the interpreter, whose
+    # bf16 dot is wrong) use exact fp32 products. PREC is kept for the call sites' sake.
+    if DT == "fp32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DT == "bf16emu" or DT == "fp16emu":  # interpreter: operands rounded as on the GPU, fp32 products
+        return tl.dot(_dot_operand(a, DT), _dot_operand(b, DT))
+    elif DT == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
 
 
 @triton.jit
@@ -651,7 +650,8 @@ def _ssd_chunk_bwd_db(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst
         dS = tl.load(dst_ptr + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                      mask=pm[:, None] & nm[None, :], other=0.0)  # (BP, BN)
         # dt_s (and the decay to the chunk end) scale the rows of x and of x.dy before the
-        # products, so every head adds into the one accumulator (a per-head one spilled)
+        # products, so every head adds into one accumulator; the in-chunk part passes through
+        # a per-head one first, which the column sums below need
         acc += _dot(xs * (dt_s * wst)[:, None], dS, DT, PREC)  # (T, BN)
         Dh = tl.zeros((T, BN), dtype=tl.float32)  # this head's in-chunk part of dB
         for tb in range(sb, NTB):
@@ -668,6 +668,8 @@ def _ssd_chunk_bwd_db(x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dst
             Mt = exp2_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
             Ct = tl.load(C_base + t[:, None] * sC_l + n[None, :] * sC_n, mask=tm[:, None] & nm[None, :], other=0.0)  # (T, BN)
             Dh += _dot(xdy * (Mt * dt_s[:, None]), Ct, DT, PREC)  # W^T of _ssd_chunk_bwd_dc times C_t
+        # B_s is the program's (one group) for every head, reloaded per head (an L1/L2 hit)
+        # rather than held in registers across the loop beside two accumulators
         Bs = tl.load(B_ptr + b * sB_b + gb * sB_g + s[:, None] * sB_l + n[None, :] * sB_n,
                      mask=sm[:, None] & nm[None, :], other=0.0)  # (T, BN)
         tl.store(col_ptr + (b * H + h) * L + s, tl.sum(Bs.to(tl.float32) * Dh, axis=1), mask=sm)
