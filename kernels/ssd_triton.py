@@ -786,8 +786,8 @@ def _clamp_T(kw: dict, Q: int) -> dict:
     return kw
 
 
-def _cfg(num_warps, num_stages, **kw):
-    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+def _cfg(num_warps, num_stages, maxnreg=None, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 # T, the time tile of the state walks: longer tiles give fewer dependent steps per row
@@ -799,13 +799,23 @@ _STATE_CONFIGS = [_cfg(4, 2, BP=64, BN=64, T=64), _cfg(8, 2, BP=64, BN=64, T=64)
                   # whole-N tiles for N = 128 and 256 (pruned below that): one program per
                   # (batch, head, P-tile) reads each x (dy) tile once
                   _cfg(8, 2, BP=64, BN=128, T=64), _cfg(8, 2, BP=64, BN=256, T=64),
-                  _cfg(8, 1, BP=64, BN=256, T=64)]
+                  _cfg(8, 1, BP=64, BN=256, T=64),
+                  # the same on 4 warps: at L = 8K (8 rows of 32 heads: 512 programs with
+                  # 64-wide N tiles, one wave) the forward took 0.967 ms with it against 1.004
+                  # (H100, scripts/ssd_fwd_sweep.py, session 10)
+                  _cfg(4, 2, BP=64, BN=128, T=64), _cfg(4, 3, BP=64, BN=128, T=64)]
 _CHUNK_CONFIGS = [_cfg(4, 2), _cfg(8, 2), _cfg(4, 3), _cfg(8, 3), _cfg(4, 1)]
 _STATE_KEY = ["L", "H", "P", "N", "Q"]
 _state_fwd, _STATE_FWD_FIXED = _tuned(_ssd_state_fwd, _STATE_CONFIGS, _STATE_KEY, tile_T=True)
 _state_bwd, _STATE_BWD_FIXED = _tuned(_ssd_state_bwd, _STATE_CONFIGS, _STATE_KEY, tile_T=True)
+# maxnreg: a register cap per thread lets 3-4 programs of 4 warps share an SM where the
+# compiler's own choice (167 registers at N = 64, 217 at N = 256: ncu) left room for 2-3. With
+# the cap at 128 the forward at L = 4K took 0.749 instead of 0.792 ms at N = 64 and 1.154
+# instead of 1.260 at N = 256 (H100, scripts/ssd_fwd_sweep.py, session 10). The backward chunk
+# kernels carry no cap: with one at 128, ptxas could not build dC or dB (158 or more needed).
 _CHUNK_FWD_CONFIGS = [_cfg(4, 2, T=64), _cfg(8, 2, T=64), _cfg(4, 3, T=64), _cfg(8, 2, T=128),
-                      _cfg(8, 1, T=128), _cfg(8, 3, T=128), _cfg(4, 2, T=128)]
+                      _cfg(8, 1, T=128), _cfg(8, 3, T=128), _cfg(4, 2, T=128),
+                      _cfg(4, 2, maxnreg=128, T=64), _cfg(4, 3, maxnreg=168, T=64)]
 _chunk_fwd, _CHUNK_FWD_FIXED = _tuned(_ssd_chunk_fwd, _CHUNK_FWD_CONFIGS, ["L", "H", "P", "N", "Q"],
                                       tile_T=True)
 _chunk_dc, _CHUNK_DC_FIXED = _tuned(_ssd_chunk_bwd_dc, _CHUNK_CONFIGS, ["L", "H", "P", "N", "HPC", "HS"], ["dC_ptr"])
