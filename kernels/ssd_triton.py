@@ -743,11 +743,15 @@ _BIG = 3.0e38  # stands for +inf in dt_limit (a finite float keeps the kernel ar
 def _prune_tiles(configs, named_args, **kwargs):
     """Configs whose time tile T fits in the chunk (T must divide Q; both are powers of 2) and
     whose state tile BN, where they carry one, is no wider than N padded as `_tiles` pads it
-    (a wider tile only adds masked columns)."""
+    (a wider tile only adds masked columns). Register-capped configs only where the head-dim
+    tile BP is at most 64: the caps were measured there, and a (T, 128) accumulator alone
+    takes half of a 128-register cap."""
     Q = kwargs.get("Q", named_args.get("Q", 64))
     N = named_args.get("N", kwargs.get("N"))
+    BP = kwargs.get("BP", named_args.get("BP", 64))
     n_max = _padded_tile(N) if N else float("inf")
-    ok = [c for c in configs if c.kwargs.get("T", 0) <= Q and c.kwargs.get("BN", 0) <= n_max]
+    ok = [c for c in configs if c.kwargs.get("T", 0) <= Q and c.kwargs.get("BN", 0) <= n_max
+          and (c.maxnreg is None or BP <= 64)]
     return ok or [triton.Config(dict(configs[0].kwargs, T=Q), num_warps=4, num_stages=1)]
 
 

@@ -258,6 +258,22 @@ def test_bad_input(name, change):
             fn(**args)
 
 
+def test_prune_tiles():
+    """The autotuner's pruning (GPU only, so checked here directly): time tiles within the
+    chunk, state tiles within padded N, register caps only at head-dim tiles of at most 64."""
+    prune = ssd_triton._prune_tiles
+    fwd = ssd_triton._CHUNK_FWD_CONFIGS
+    assert any(c.maxnreg for c in fwd)  # what the pruning below must remove at BP = 128
+    kept = prune(fwd, {"N": 128}, Q=256, BP=64)
+    assert kept == [c for c in fwd if c.kwargs["T"] <= 256]
+    kept = prune(fwd, {"N": 128}, Q=64, BP=128)
+    assert kept and all(c.maxnreg is None and c.kwargs["T"] <= 64 for c in kept)
+    (only,) = prune(fwd, {"N": 128}, Q=32, BP=64)  # no listed T fits: one at the chunk size
+    assert only.kwargs["T"] == 32
+    state = prune(ssd_triton._STATE_CONFIGS, {"N": 64}, Q=256)
+    assert state and all(c.kwargs["BN"] <= 64 for c in state)
+
+
 # ---------------------------------------------------------------------------------------
 # on the GPU: realistic shapes in every dtype
 # ---------------------------------------------------------------------------------------
@@ -309,3 +325,4 @@ def test_gpu_small_state_reference_grid(N):
     t2 = {k: (v[:2] if v is not None and v.dim() > 1 and v.shape[0] == 16 else v) for k, v in t.items()}
     compare(ssd_chunked, t2, seq, 256, 1e-2, 2e-2, seed,
             ref_fn=lambda *a, **k: ssd_chunked_ref(*a, **k))
+
