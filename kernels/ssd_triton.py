@@ -813,7 +813,8 @@ _STATE_KEY = ["L", "H", "P", "N", "Q"]
 _state_fwd, _STATE_FWD_FIXED = _tuned(_ssd_state_fwd, _STATE_CONFIGS, _STATE_KEY, tile_T=True)
 _state_bwd, _STATE_BWD_FIXED = _tuned(_ssd_state_bwd, _STATE_CONFIGS, _STATE_KEY, tile_T=True)
 # maxnreg: a register cap per thread lets 3-4 programs of 4 warps share an SM where the
-# compiler's own choice (167 registers at N = 64, 217 at N = 256: ncu) left room for 2-3. With
+# compiler's own choice (ncu of the first config: 167 registers at N = 64, 217 at N = 256, the
+# latter with the one stage of the untuned path) left room for 2-3. With
 # the cap at 128 the forward at L = 4K took 0.749 instead of 0.792 ms at N = 64 and 1.154
 # instead of 1.260 at N = 256 (H100, scripts/ssd_fwd_sweep.py, session 10). The backward chunk
 # kernels carry no cap: with one at 128, ptxas could not build dC or dB (158 or more needed).

@@ -325,4 +325,3 @@ def test_gpu_small_state_reference_grid(N):
     t2 = {k: (v[:2] if v is not None and v.dim() > 1 and v.shape[0] == 16 else v) for k, v in t.items()}
     compare(ssd_chunked, t2, seq, 256, 1e-2, 2e-2, seed,
             ref_fn=lambda *a, **k: ssd_chunked_ref(*a, **k))
-
