@@ -81,8 +81,10 @@ class _Mamba2Inner(torch.autograd.Function):
         dims, chunk, dt_limit, group = ctx.opts
         batch, L, _ = proj.shape
         z, xBC, dt = _pieces(proj, dims)
-        dproj = torch.zeros_like(proj) if proj.shape[-1] > dims.d_inner + dims.conv_dim + dims.H \
-            else torch.empty_like(proj)  # (batch, L, width); padding columns get zero gradient
+        dproj = torch.empty_like(proj)  # (batch, L, width)
+        used = dims.d_inner + dims.conv_dim + dims.H
+        if proj.shape[-1] > used:
+            dproj[..., used:].zero_()  # padding columns (never read) get zero gradient
         dz, dxBC_in, ddt = _pieces(dproj, dims)
         # norm: dy into a fresh buffer, dz into d(proj)
         dy, _, dnorm_w = gr._bwd(y2, gr._rows2d(z, dims.d_inner), norm_w, rstd, dout, group,

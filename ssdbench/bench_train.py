@@ -123,12 +123,12 @@ def time_training(model, L: int, batch: int, steps: int, warmup: int, compile_: 
 
 def run_case(arch: str, L: int, tokens: int, steps: int, warmup: int, compile_: bool, peak: float,
              profile: bool = False, out: Path | None = None, argv: list[str] | None = None,
-             cuda_graph: bool = False) -> dict:
+             cuda_graph: bool = False, overrides: list[str] = ()) -> dict:
     batch = max(1, tokens // L)
     row = dict(model=arch, L=L, batch=batch, compile=compile_, cuda_graph=cuda_graph)
     model = None
     try:
-        model = build_model(arch)
+        model = build_model(arch, overrides)
         n_params = model.num_params()
         row.update(params_m=n_params / 1e6)
         r = time_training(model, L, batch, steps, warmup, compile_, profile=profile, cuda_graph=cuda_graph)
@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for bench_train.csv / .md")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU time per kernel of a step (and write train_kernels_*.csv / .md to --out)")
+    ap.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="Hydra overrides of the model config, applied to every model (e.g. model.proj_align=1 "
+                         "for Mamba-2 alone); the table's rows carry them")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("ssdbench bench train: needs a CUDA GPU", file=sys.stderr)
@@ -187,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             for c in modes[args.compile]:
                 for g in modes[args.cuda_graph]:
                     rows.append(run_case(arch, L, args.tokens, args.steps, args.warmup, c, peak,
-                                         profile=args.profile, out=args.out, argv=argv, cuda_graph=g))
+                                         profile=args.profile, out=args.out, argv=argv, cuda_graph=g,
+                                         overrides=args.override))
+                    if args.override:
+                        rows[-1]["overrides"] = " ".join(args.override)
                     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in rows[-1].items()), flush=True)
     df = pd.DataFrame(rows)

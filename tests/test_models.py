@@ -72,6 +72,31 @@ def test_forward_with_labels_is_the_mean_cross_entropy(name):
     torch.testing.assert_close(g, gr)
 
 
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_norm_output_in_autocast_dtype_changes_nothing(name):
+    """Under autocast the blocks hand their mixers and MLPs the normed stream already in the
+    autocast dtype (lm.Block._normed; the projection that opens each would cast it anyway):
+    the logits are bitwise those of handing it over in fp32, and the modules that opt out
+    (a chain of sub-mixers with residuals of their own) receive fp32."""
+    model = TINY[name]().eval()
+    x = torch.randint(0, V, (2, 19))
+    seen = []
+    consumers = [m for layer in model.layers for m in (layer.mixer, layer.mlp) if m is not None]
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].dtype))) for m in consumers]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        for m in consumers:
+            m.input_to_autocast = False
+        y_fp32_inputs = model(x)
+    for h in hooks:
+        h.remove()
+    n = len(consumers)
+    for m, dtype in seen[:n]:
+        assert dtype == (torch.bfloat16 if type(m).__dict__.get("input_to_autocast", True) else torch.float32)
+    assert all(dtype == torch.float32 for _, dtype in seen[n:])
+    torch.testing.assert_close(y, y_fp32_inputs, rtol=0, atol=0)
+
+
 def test_transformerpp_param_count_and_flops():
     m = TransformerPP(50280, d_model=768, n_layers=12, n_heads=12)
     # embedding (tied) + 12 x (attention 4 d^2 + SwiGLU 3 * d * 2048 + 2 norms) + final norm

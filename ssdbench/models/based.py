@@ -325,6 +325,10 @@ class MixerChain(nn.Module):
     """Sub-mixers applied in turn inside one layer: h = u + m_1(u); ...; y = m_n(h)
     (a residual around every sub-mixer but the last, whose residual is the block's)."""
 
+    # the residuals inside the chain add to u: the block keeps u in its own dtype (fp32) rather
+    # than rounding it to the autocast dtype for a leading projection (lm.Block._normed)
+    input_to_autocast = False
+
     def __init__(self, mixers: list[nn.Module]):
         super().__init__()
         self.mixers = nn.ModuleList(mixers)

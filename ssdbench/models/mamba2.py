@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssdbench.errors import require, require_positive_int
@@ -51,7 +52,7 @@ class Mamba2Mixer(nn.Module):
                  ngroups: int = 1, head_structure: str = "gva", d_conv: int = 4, chunk_size: int = 256,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
                  A_init_range: tuple[float, float] = (1.0, 16.0), dt_limit: tuple[float, float] = (0.0, float("inf")),
-                 impl: str = "auto", norm_eps: float = 1e-5):
+                 impl: str = "auto", norm_eps: float = 1e-5, proj_align: int = 64):
         super().__init__()
         self.d_model, self.N, self.P = d_model, d_state, headdim
         self.d_inner = expand * d_model
@@ -59,6 +60,13 @@ class Mamba2Mixer(nn.Module):
         self.Hx, self.Gb, self.Gc = head_counts(head_structure, self.H, ngroups)
         self.head_structure, self.ngroups = head_structure, ngroups
         self.d_conv, self.chunk_size, self.impl = d_conv, chunk_size, impl
+        # On the Triton path in_proj's output rows are padded to a multiple of proj_align
+        # columns (1: none). 125M's rows are 3352 wide: 6,704 bytes in bf16, so most rows start
+        # only 16 bytes aligned, and the conv and gated-norm kernels that read column slices of
+        # them (and write their gradients back) touch sectors they share with the next slice.
+        # 64 columns make every row start on a 128-byte line. The pad columns are never read;
+        # the parameter is unchanged (the weight is padded on the fly), and so are the counts.
+        self.proj_align = proj_align
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.A_init_range, self.dt_limit = tuple(A_init_range), tuple(dt_limit)
 
@@ -99,14 +107,17 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         batch, L, _ = u.shape
-        proj = self.in_proj(u)  # (batch, L, d_inner + conv_dim + H) = [z | x B C | dt]
         A = -torch.exp(self.A_log.float())  # (H,)
-        if self._triton(proj):  # conv, SSD and norm as one Function (kernels/mamba2_fused.py)
+        if self._triton(u):  # conv, SSD and norm as one Function (kernels/mamba2_fused.py)
+            w = self.in_proj.weight  # (width, d_model)
+            w = F.pad(w, (0, 0, 0, -w.shape[0] % self.proj_align))  # (width + pad, d_model)
+            proj = F.linear(u, w)  # (batch, L, width + pad) = [z | x B C | dt | pad]
             dims = Dims(self.d_inner, self.Hx, self.P, self.Gb, self.Gc, self.N, self.H)
             y = mamba2_inner(proj, self.conv1d.weight, self.conv1d.bias, A, self.D, self.dt_bias, self.norm.weight,
                              dims, self.chunk_size, self.dt_limit, self.norm.eps, self.norm.group_size, seq_idx)
             return self.out_proj(y)  # y (batch, L, d_inner)
         # the plain-PyTorch path (the CPU path and the reference of the tests)
+        proj = self.in_proj(u)  # (batch, L, d_inner + conv_dim + H) = [z | x B C | dt]
         z, xBC, dt = torch.split(proj, [self.d_inner, self.conv_dim, self.H], dim=-1)
         xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx,
                             impl="torch", channel_last=True)  # (batch, L, conv_dim)
@@ -171,9 +182,11 @@ class Mamba2(LanguageModel):
                  headdim: int = 64, expand: int = 2, ngroups: int = 1, head_structure: str = "gva",
                  d_conv: int = 4, chunk_size: int = 256, impl: str = "auto", dt_min: float = 1e-3,
                  dt_max: float = 1e-1, dt_limit: tuple[float, float] = (0.0, float("inf")),
-                 norm_eps: float = 1e-5, init_std: float = 0.02, pad_vocab_multiple: int = 16):
+                 norm_eps: float = 1e-5, init_std: float = 0.02, pad_vocab_multiple: int = 16,
+                 proj_align: int = 64):
         for field, value in dict(d_model=d_model, n_layers=n_layers, d_state=d_state, headdim=headdim,
-                                 expand=expand, ngroups=ngroups, chunk_size=chunk_size).items():
+                                 expand=expand, ngroups=ngroups, chunk_size=chunk_size,
+                                 proj_align=proj_align).items():
             require_positive_int(value, f"model.{field}")
         require(head_structure in HEAD_STRUCTURES, "model.head_structure",
                 f"unknown head structure {head_structure!r} (choose from {', '.join(HEAD_STRUCTURES)})")
@@ -191,7 +204,7 @@ class Mamba2(LanguageModel):
             vocab_size, d_model, n_layers,
             make_mixer=lambda i: Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, head_structure,
                                              d_conv, chunk_size, dt_min, dt_max, dt_limit=tuple(dt_limit),
-                                             impl=impl, norm_eps=norm_eps),
+                                             impl=impl, norm_eps=norm_eps, proj_align=proj_align),
             make_mlp=lambda i: None,
             norm_eps=norm_eps, init_std=init_std, pad_vocab_multiple=pad_vocab_multiple,
         )
