@@ -1,6 +1,6 @@
 """Time the causal-conv backward kernels at Mamba-2 training's shape over tile choices (GPU).
 
-    python scripts/conv_sweep.py [--batch 8] [--L 2048] [--dim 1792] [--row 3352]
+    python scripts/conv_sweep.py [--batch 8] [--L 2048] [--dim 1792] [--row 3392]
 
 x is a channel-last slice of a (batch, L, row) projection output, as Mamba-2 passes it.
 Prints us per call of _causal_conv1d_bwd_g_kernel for each (BLOCK_D, BLOCK_L, SPAN,
@@ -20,7 +20,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--L", type=int, default=2048)
 ap.add_argument("--dim", type=int, default=1792)
-ap.add_argument("--row", type=int, default=3352)
+ap.add_argument("--row", type=int, default=3392)  # in_proj width 3352 padded to 64 columns
 a = ap.parse_args()
 dev, W = "cuda", 4
 proj = torch.randn(a.batch, a.L, a.row, device=dev, dtype=torch.bfloat16)
@@ -46,7 +46,7 @@ for bd, bl, span, nw in itertools.product((16, 32, 64, 128), (32, 64), (512, 102
             *w.stride(), dout.stride(0), dout.stride(1), dout.stride(2) // ov, 0, 0)
 
     def run():
-        cc._causal_conv1d_bwd_g_kernel[(a.batch, n_l, triton.cdiv(a.dim, bd))](
+        cc._causal_conv1d_bwd_g_kernel[cc._grid(a.dim, bd, n_l, a.batch)](
             *args, W=W, WP=4, HAS_BIAS=True, SILU=True, HAS_SEQ=False, XV=xv, OV=ov, SPAN=span,
             BLOCK_D=bd, BLOCK_L=bl, num_warps=nw)
     try:
