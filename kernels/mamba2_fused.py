@@ -43,11 +43,16 @@ class Dims(NamedTuple):
     def conv_dim(self) -> int:
         return self.Hx * self.P + (self.Gb + self.Gc) * self.N
 
+    @property
+    def width(self) -> int:
+        """Columns of [z | x B C | dt]: proj may be wider (padding columns, never read)."""
+        return self.d_inner + self.conv_dim + self.H
+
 
 def _pieces(t: torch.Tensor, dims: Dims):
     """z, xBC, dt views of a (batch, L, width) projection (or of its gradient)."""
     d, c = dims.d_inner, dims.conv_dim
-    return t[..., :d], t[..., d:d + c], t[..., d + c:d + c + dims.H]
+    return t[..., :d], t[..., d:d + c], t[..., d + c:dims.width]
 
 
 def _xbc(t: torch.Tensor, dims: Dims):
@@ -81,10 +86,9 @@ class _Mamba2Inner(torch.autograd.Function):
         dims, chunk, dt_limit, group = ctx.opts
         batch, L, _ = proj.shape
         z, xBC, dt = _pieces(proj, dims)
-        dproj = torch.empty_like(proj)  # (batch, L, width)
-        used = dims.d_inner + dims.conv_dim + dims.H
-        if proj.shape[-1] > used:
-            dproj[..., used:].zero_()  # padding columns (never read) get zero gradient
+        dproj = torch.empty_like(proj)  # (batch, L, width + pad)
+        if proj.shape[-1] > dims.width:
+            dproj[..., dims.width:].zero_()  # padding columns (never read) get zero gradient
         dz, dxBC_in, ddt = _pieces(dproj, dims)
         # norm: dy into a fresh buffer, dz into d(proj)
         dy, _, dnorm_w = gr._bwd(y2, gr._rows2d(z, dims.d_inner), norm_w, rstd, dout, group,
@@ -112,8 +116,8 @@ def mamba2_inner(proj, conv_weight, conv_bias, A, D, dt_bias, norm_weight, dims:
     Mamba-2 block uses it); norm_weight (d_inner,); group_size: the norm's group (None: all of
     d_inner); seq_idx (batch, L) marks packed sequences (conv taps and the state reset at its
     changes). Returns (batch, L, d_inner) in proj's dtype."""
-    if proj.dim() != 3 or proj.shape[-1] < dims.d_inner + dims.conv_dim + dims.H:
-        raise ValueError(f"proj: expected (batch, L, >= {dims.d_inner + dims.conv_dim + dims.H}), "
+    if proj.dim() != 3 or proj.shape[-1] < dims.width:
+        raise ValueError(f"proj: expected (batch, L, >= {dims.width}), "
                          f"got {tuple(proj.shape)}")
     if dims.H * dims.P != dims.d_inner:
         raise ValueError(f"dims: H * P = {dims.H * dims.P} differs from d_inner = {dims.d_inner}")

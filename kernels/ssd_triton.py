@@ -818,9 +818,10 @@ _state_bwd, _STATE_BWD_FIXED = _tuned(_ssd_state_bwd, _STATE_CONFIGS, _STATE_KEY
 # the cap at 128 the forward at L = 4K took 0.749 instead of 0.792 ms at N = 64 and 1.154
 # instead of 1.260 at N = 256 (H100, scripts/ssd_fwd_sweep.py, session 10). The backward chunk
 # kernels carry no cap: with one at 128, ptxas could not build dC or dB (158 or more needed).
-# Inside a torch.compile graph the caps are lost: inductor rebuilds a user kernel's configs
-# from their kwargs, num_warps and num_stages only (torch 2.13's config_to_dict), so these two
-# run there as uncapped copies of the first.
+# A kernel that inductor itself launches loses the cap (it rebuilds a user kernel's configs
+# from kwargs, num_warps and num_stages: torch 2.13's config_to_dict). These do not reach
+# inductor in compiled training: Dynamo breaks the graph inside the fused Mamba-2 Function
+# (scripts/graph_breaks.py, results/h100/session11), which then runs eagerly, caps included.
 _CHUNK_FWD_CONFIGS = [_cfg(4, 2, T=64), _cfg(8, 2, T=64), _cfg(4, 3, T=64), _cfg(8, 2, T=128),
                       _cfg(8, 1, T=128), _cfg(8, 3, T=128), _cfg(4, 2, T=128),
                       _cfg(4, 2, maxnreg=128, T=64), _cfg(4, 3, maxnreg=168, T=64)]

@@ -111,7 +111,9 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())  # (H,)
         if self._triton(u):  # conv, SSD and norm as one Function (kernels/mamba2_fused.py)
             w = self.in_proj.weight  # (width, d_model)
-            w = F.pad(w, (0, 0, 0, -w.shape[0] % self.proj_align))  # (width + pad, d_model)
+            pad = -w.shape[0] % self.proj_align
+            if pad:  # (no copy of the weight when the width is already aligned)
+                w = F.pad(w, (0, 0, 0, pad))  # (width + pad, d_model)
             proj = F.linear(u, w)  # (batch, L, width + pad) = [z | x B C | dt | pad]
             dims = Dims(self.d_inner, self.Hx, self.P, self.Gb, self.Gc, self.N, self.H)
             y = mamba2_inner(proj, self.conv1d.weight, self.conv1d.bias, A, self.D, self.dt_bias, self.norm.weight,
