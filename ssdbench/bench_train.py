@@ -35,11 +35,11 @@ ARCHS = ("transformerpp", "mamba2", "mamba1", "based")
 VOCAB = 50280  # GPT-NeoX-20B's vocabulary (the released Mamba models)
 
 
-def build_model(arch: str, overrides: list[str] = ()):
-    """The model of experiment=gpt3_125m_<arch> (only the model; no data needed)."""
+def model_config(arch: str, overrides: list[str] = ()):
+    """The model config of experiment=gpt3_125m_<arch> with ``overrides`` (Hydra syntax);
+    raises Hydra's ConfigCompositionException for an override it cannot apply."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
 
     import ssdbench.train  # noqa: F401 - registers the config resolvers
 
@@ -47,7 +47,14 @@ def build_model(arch: str, overrides: list[str] = ()):
     with initialize_config_module("ssdbench.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment=gpt3_125m_{arch}", "task.data_dir=unused",
                                            f"model.vocab_size={VOCAB}", *overrides])
-    return instantiate(cfg.model)
+    return cfg.model
+
+
+def build_model(arch: str, overrides: list[str] = ()):
+    """The model of experiment=gpt3_125m_<arch> (only the model; no data needed)."""
+    from hydra.utils import instantiate
+
+    return instantiate(model_config(arch, overrides))
 
 
 def matmul_peak_tflops() -> float:
@@ -178,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="Hydra overrides of the model config, applied to every model (e.g. model.proj_align=1 "
                          "for Mamba-2 alone); the table's rows carry them")
     args = ap.parse_args(argv)
+    for arch in args.models if args.override else ():  # a bad override: one line, before any GPU work
+        try:
+            model_config(arch, args.override)
+        except Exception as e:  # noqa: BLE001 - Hydra's composition errors have no common public base
+            print(f"ssdbench bench train: --override for {arch}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
     if not torch.cuda.is_available():
         print("ssdbench bench train: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench" and len(argv) > 1 and argv[1] in BENCHES:
         import importlib
 
-        importlib.import_module(f"ssdbench.{BENCHES[argv[1]]}").main(argv[2:])
-        return 0
+        rc = importlib.import_module(f"ssdbench.{BENCHES[argv[1]]}").main(argv[2:])
+        return rc if isinstance(rc, int) else 0  # a bench's exit code (2: bad input, no GPU); others return tables
 
     parser = argparse.ArgumentParser(
         prog="ssdbench",

@@ -33,6 +33,16 @@ def ssdbench(*args, cwd, check=None, timeout=300):
     return p
 
 
+def test_bench_bad_override_is_one_line_and_exit_2(tmp_path):
+    """A model override Hydra cannot apply stops `bench train` before any GPU work (so also
+    here, without one), and the bench's exit code reaches the shell."""
+    p = ssdbench("bench", "train", "--models", "mamba2", "transformerpp", "--override", "model.proj_align=1",
+                 cwd=tmp_path, check=2)
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == \
+        "ssdbench bench train: --override for transformerpp: Could not override 'model.proj_align'."
+
+
 def record(path: Path) -> dict:
     return json.loads((path / "record.json").read_text())
 

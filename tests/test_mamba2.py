@@ -92,6 +92,7 @@ def test_flops_count_chunk_terms():
     (dict(chunk_size=12), "model.chunk_size"),
     (dict(head_structure="xyz"), "model.head_structure"),
     (dict(d_conv=5), "model.d_conv"),
+    (dict(proj_align=0), "model.proj_align"),
 ])
 def test_bad_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):
