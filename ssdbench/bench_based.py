@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--ssd-dstate", type=int, default=256, help="SSD N (256: state comparable to Based)")
     ap.add_argument("--ssd-chunk", type=int, default=256)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_based: needs a CUDA GPU", file=sys.stderr)
-        return pd.DataFrame()
+    bench_report.require_cuda("based")
     from triton.testing import do_bench
 
     from ssdbench.kernels import based as based_mod

@@ -9,6 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 
+def require_cuda(name: str, hint: str = "") -> None:
+    """Stop a GPU benchmark on a machine without CUDA: one line on stderr and exit code 2 (a
+    timing taken on the CPU would be no claim about the kernels)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"ssdbench bench {name}: needs a CUDA GPU{hint}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def markdown(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".4g") + "\n"
 

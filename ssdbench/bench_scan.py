@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cpu":
         if not args.smoke:
-            raise SystemExit("bench_scan: needs a CUDA GPU (use --smoke to check the script on a CPU)")
+            bench_report.require_cuda("scan", " (use --smoke to check the script on a CPU)")
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.smoke:
         args.tokens, args.dim, args.lengths, args.ref_max_len = 64, 8, [16, 32], 32

@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--no-nsweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at L=4096")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_ssd: needs a CUDA GPU", file=sys.stderr)
-        return pd.DataFrame()
+    bench_report.require_cuda("ssd")
     from triton.testing import do_bench
 
     dtype = getattr(torch, args.dtype)

@@ -191,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors have no common public base
             print(f"ssdbench bench train: --override for {arch}: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
-    if not torch.cuda.is_available():
-        print("ssdbench bench train: needs a CUDA GPU", file=sys.stderr)
-        return 2
+    bench_report.require_cuda("train")
     peak = matmul_peak_tflops()
     print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
     modes = {"off": [False], "on": [True], "both": [False, True]}

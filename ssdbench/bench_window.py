@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--impls", nargs="+", default=["sdpa", "flex"], choices=["sdpa", "flex"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_window: needs a CUDA GPU", file=sys.stderr)
-        return pd.DataFrame()
+    bench_report.require_cuda("window")
     from triton.testing import do_bench
 
     from ssdbench.models.based import HAS_FLEX
