@@ -6,6 +6,15 @@ for real and the same tests run on the device.
 """
 import os
 
+# Under pytest-xdist the workers share the cores: each gets its share of threads for torch and
+# BLAS, in its own process and in the CLI runs it starts (they inherit the environment). With
+# every worker on all cores, OpenBLAS threads spun against each other on 2 cores and the
+# scaling fits ran 10x slower than alone. Set before torch and numpy load their thread pools.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+
 import pytest
 import torch
 
