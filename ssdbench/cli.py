@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         rc = importlib.import_module(f"ssdbench.{BENCHES[argv[1]]}").main(argv[2:])
-        return rc if isinstance(rc, int) else 0  # a bench's exit code (2: bad input, no GPU); others return tables
+        return rc if isinstance(rc, int) else 0  # bench train's exit code (2: bad --override); others return
+        # tables (no GPU: bench_report.require_cuda exits 2 itself)
 
     parser = argparse.ArgumentParser(
         prog="ssdbench",

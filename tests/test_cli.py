@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ON_GPU
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +44,7 @@ def test_bench_bad_override_is_one_line_and_exit_2(tmp_path):
         "ssdbench bench train: --override for transformerpp: Could not override 'model.proj_align'."
 
 
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer on a machine without CUDA")
+@pytest.mark.skipif(ON_GPU, reason="checks the answer on a machine without CUDA")
 @pytest.mark.parametrize("name", ["ssd", "scan", "based", "window", "train"])
 def test_bench_without_gpu_is_one_line_and_exit_2(name, capsys):
     """Every GPU benchmark refuses a CPU the same way: one line naming it, exit code 2 through
@@ -56,6 +56,7 @@ def test_bench_without_gpu_is_one_line_and_exit_2(name, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"ssdbench bench {name}: needs a CUDA GPU"), err
+
 
 def record(path: Path) -> dict:
     return json.loads((path / "record.json").read_text())
