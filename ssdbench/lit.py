@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ssdbench import tokenizer as _tokenizer  # noqa: F401 - registers ${ssdbench.tokenizer_vocab:...} for configs
-from ssdbench.errors import DivergedError
+from ssdbench.errors import ConfigError, DivergedError
 from ssdbench.models.lm import LanguageModel
 
 IGNORE = -100
@@ -29,9 +29,28 @@ IGNORE = -100
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup from 0, then cosine decay to ``min_ratio`` at total_steps."""
+    return lr_multiplier(step, "cosine", warmup_steps, total_steps, min_ratio)
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based): linear warmup from 0 over
+    ``warmup_steps``, then ``cosine`` or ``linear`` decay to ``min_ratio`` at ``total_steps``
+    (Transformer++ uses cosine; the Mamba-2 MQAR protocol a linear decay), or ``constant``
+    (the Mamba-1 synthetic protocols).
+
+    >>> [round(lr_multiplier(s, "linear", 0, 4, 0.125), 4) for s in range(5)]
+    [1.0, 0.7812, 0.5625, 0.3438, 0.125]
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -52,12 +71,20 @@ class SequenceLM(L.LightningModule):
     def __init__(self, model: LanguageModel, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100,
                  min_lr: float = 1e-5, total_steps: int = 1000, slice_names: list[str] | None = None,
-                 fused_adamw: bool = False):
+                 fused_adamw: bool = False, schedule: str = "cosine", min_lr_ratio: float | None = None):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr, self.total_steps = warmup_steps, min_lr, total_steps
         self.fused_adamw = fused_adamw
+        if schedule not in SCHEDULES:
+            raise ConfigError("optim.schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if min_lr_ratio is not None and not 0 <= min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {min_lr_ratio!r}")
+        self.schedule = schedule
+        # the decay's floor as a fraction of the peak (e.g. 1/8 in the Mamba-2 MQAR protocol);
+        # when unset, min_lr is the floor in absolute terms
+        self.min_ratio = min_lr_ratio if min_lr_ratio is not None else min(1.0, min_lr / lr)
         self.slice_names = list(slice_names or [])
         self.tokens_seen = 0  # training tokens, saved in checkpoints so resumes keep counting
         self._batch_tokens = 0
@@ -172,10 +199,11 @@ class SequenceLM(L.LightningModule):
         # plugin refuses to combine with gradient clipping; the default (foreach on GPUs) is
         # the fast path that allows clipping.
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=self.fused_adamw or None)
-        min_ratio = min(1.0, self.min_lr / self.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, self.warmup_steps, self.total_steps, min_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self.lr_lambda(s))  # a plain function: LambdaLR's state_dict skips it
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_lambda(self, step: int) -> float:
+        return lr_multiplier(step, self.schedule, self.warmup_steps, self.total_steps, self.min_ratio)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["tokens_seen"] = self.tokens_seen

@@ -39,9 +39,28 @@ class SegmentDataset(Dataset):
         seg = self.segments[s]
         return {"input_ids": seg.inputs[j], "labels": seg.labels[j], "slice": torch.tensor(s)}
 
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch at once (the DataLoader's batched fetch): one gather per segment
+        instead of a Python call per example. Returns the batch as the default collate would
+        stack the items (see collate_batch)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        seg = np.searchsorted(self.offsets, idx, side="right") - 1  # (b,) segment of each example
+        if (seg == seg[0]).all():  # the batch samplers never mix segments: one gather
+            s = self.segments[int(seg[0])]
+            j = torch.from_numpy(idx - self.offsets[seg[0]])
+            return {"input_ids": s.inputs[j], "labels": s.labels[j],
+                    "slice": torch.full((len(idx),), int(seg[0]), dtype=torch.long)}
+        items = [self[int(i)] for i in idx]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
     @property
     def slice_names(self) -> list[str]:
         return [s.name for s in self.segments]
+
+
+def collate_batch(batch):
+    """collate_fn for datasets whose __getitems__ already returns the stacked batch."""
+    return batch
 
 
 class SegmentBatchSampler(Sampler[list[int]]):
@@ -104,7 +123,7 @@ class SyntheticDataModule(L.LightningDataModule):
     def _loader(self, ds: SegmentDataset, shuffle: bool) -> DataLoader:
         sampler = SegmentBatchSampler(ds, self.batch_size, shuffle=shuffle, seed=self.seed,
                                       curriculum=self.curriculum and shuffle)
-        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
