@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
+from ssdbench import budget  # noqa: E402
 from ssdbench import record as rec  # noqa: E402
 from ssdbench.table import load_records  # noqa: E402
 
@@ -81,6 +82,11 @@ def _hue_key(df: pd.DataFrame) -> pd.Series:
         varies = df.groupby(key.values)[n_col].transform("nunique") > 1
         n = pd.to_numeric(df[n_col], errors="coerce")
         key = key.where(~varies | n.isna(), key + " N=" + n.astype("Int64").astype(str))
+    # runs of one model at several budgets are separate lines, never averaged into one
+    b_col = "budget.label"
+    if b_col in df.columns:
+        varies = df.groupby(key.values)[b_col].transform("nunique") > 1
+        key = key.where(~varies | df[b_col].isna(), key + " (budget " + df[b_col].astype(str) + ")")
     return key
 
 
@@ -480,15 +486,26 @@ def build_figures(df: pd.DataFrame, root: Path, x=None, y=None, facet=None, hue=
         plans.append((f"custom_{_slug(y or '')}_vs_{_slug(x or '')}",
                       (lambda: fig_custom(df, x, y, facet, hue)) if x and y
                       else (lambda: (None, "--x and --y go together"))))
+    note = budget.figure_note(df)
     for name, make in plans:
         fig, why = make()
         if fig is None:
             skipped.append(f"skipped {name}: {why}")
         else:
             figs[name] = fig
+            if note:
+                _add_budget_note(fig, note)
             if why:
                 skipped.append(f"note {name}: {why}")
     return figs, skipped
+
+
+def _add_budget_note(fig, note: str) -> None:
+    """The runs' budget as a second line of the figure's title, so that a figure of runs cut
+    short of a paper's training says so. Both lines sit above the panels (the figure is saved
+    with bbox_inches="tight", which grows the image to hold them)."""
+    title = fig.get_suptitle()
+    fig.suptitle(f"{title}\n{note}" if title else note, y=1.0, va="bottom")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -16,13 +16,16 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from ssdbench import budget
 from ssdbench import record as rec
 
 # Columns shown by default, from the flattened record (pandas.json_normalize uses dots).
+# budget / tokens_of_paper: for runs of a paper's protocol, the steps run as a fraction of the
+# paper's and the tokens trained over the paper's (see budget.add_table_columns).
 DEFAULT_COLUMNS = [
     "run", "status", "model_name", "task_name", "config.model.d_model", "config.model.n_layers",
-    "params.total", "state_size", "global_step", "tokens_seen", "train_flops", "wall_time_s",
-    "tokens_per_s",
+    "params.total", "state_size", "global_step", "tokens_seen", "budget", "tokens_of_paper", "train_flops",
+    "wall_time_s", "tokens_per_s",
 ]
 
 
@@ -205,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         write_scaling_view(df.reset_index(drop=True), out, args.loss_key, f"scaling: {len(df)} runs in {args.results}")
         return 0
-    table = summarise(df, args.columns)
+    table = summarise(budget.add_table_columns(df), args.columns)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(table.to_markdown(index=False) + "\n")
