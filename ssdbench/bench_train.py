@@ -66,7 +66,7 @@ def matmul_peak_tflops() -> float:
 
 
 def time_training(model, L: int, batch: int, steps: int, warmup: int, compile_: bool,
-                  profile: bool = False, cuda_graph: bool = False) -> dict:
+                  profile: bool = False, cuda_graph: bool = False, vocab: int = VOCAB) -> dict:
     """Median step time (and peak memory) of full training steps on random tokens.
 
     cuda_graph: capture one whole step (forward, loss, backward, AdamW) in a CUDA graph after
@@ -78,7 +78,7 @@ def time_training(model, L: int, batch: int, steps: int, warmup: int, compile_: 
     model = model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=cuda_graph)
     fwd = torch.compile(model) if compile_ else model
-    x = torch.randint(0, VOCAB, (batch, L + 1), device="cuda")  # (batch, L + 1)
+    x = torch.randint(0, vocab, (batch, L + 1), device="cuda")  # (batch, L + 1)
     inp, tgt = x[:, :-1], x[:, 1:]
 
     def body():

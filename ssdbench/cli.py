@@ -15,7 +15,8 @@ GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads")
 
 SUBCOMMANDS = {
     "run": "train one configuration, or sweep many with -m (a Hydra application; see `ssdbench run --help`)",
-    "bench": "time on the GPU: kernels ssd, scan (selective scan, conv), based, window; training throughput: train",
+    "bench": "time on the GPU: kernels ssd, scan (selective scan, conv), based, window; training throughput: train; "
+             "`ssdbench run` against its bare step: study",
 }
 
 # Subcommands with argparse options: name -> (module, help). Each module provides
@@ -35,7 +36,7 @@ COMMANDS = {
 
 # `ssdbench bench <name> ...` runs ssdbench.bench_<module>.main(argv)
 BENCHES = {"ssd": "bench_ssd", "scan": "bench_scan", "based": "bench_based", "window": "bench_window",
-           "train": "bench_train"}
+           "train": "bench_train", "study": "bench_study"}
 
 
 def available(group: str) -> list[str]:

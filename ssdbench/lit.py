@@ -127,6 +127,8 @@ class SequenceLM(L.LightningModule):
         self._bytes = torch.zeros(n, dtype=torch.long)  # bytes the targets stand for (LM tasks)
 
     def _eval_step(self, batch):
+        """Adds one batch to the per-slice sums, on the batch's device and without reading
+        anything back (weights instead of boolean indexing, which would wait for the GPU)."""
         logits = self(batch["input_ids"], batch.get("seq_idx"))  # (batch, L, V)
         labels = batch["labels"]  # (batch, L)
         mask = labels != IGNORE  # (batch, L)
@@ -138,12 +140,15 @@ class SequenceLM(L.LightningModule):
             slices = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
         if slices.dim() == 1:  # one slice per example -> per token
             slices = slices[:, None].expand_as(labels)
-        s = slices[mask].long().cpu()  # (n,) slice of each supervised token
-        self._correct.index_add_(0, s, correct[mask].long().cpu())
-        self._count.index_add_(0, s, torch.ones_like(s))
-        self._nats.index_add_(0, s, nats[mask].double().cpu())
+        s = slices.reshape(-1).long()  # (batch * L,) slice of each token
+        if self._count.device != labels.device:
+            self._correct, self._count, self._nats, self._bytes = (
+                t.to(labels.device) for t in (self._correct, self._count, self._nats, self._bytes))
+        self._correct.index_add_(0, s, correct.reshape(-1).long())
+        self._count.index_add_(0, s, mask.reshape(-1).long())
+        self._nats.index_add_(0, s, nats.reshape(-1).double())
         if "label_bytes" in batch:
-            self._bytes.index_add_(0, s, batch["label_bytes"][mask].long().cpu())
+            self._bytes.index_add_(0, s, (batch["label_bytes"] * mask).reshape(-1).long())
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -160,26 +165,31 @@ class SequenceLM(L.LightningModule):
         """Sum of a per-slice tensor over processes, so every rank logs the global metric."""
         return self.all_gather(t.to(self.device)).reshape(-1, len(t)).sum(0).cpu()
 
-    def _eval_log(self, prefix: str):
-        count = self._gather(self._count)
+    def eval_metrics(self, prefix: str, gather: bool = True) -> dict[str, float]:
+        """The evaluation's metrics from the per-slice sums (summed over processes first when
+        ``gather``): {prefix}/loss, /acc, /acc/<slice>, and for LM tasks /ppl, /bpb, per slice."""
+        sums = (self._count, self._correct, self._nats, self._bytes)
+        count, correct, nats, n_bytes = (self._gather(t) if gather else t.cpu() for t in sums)
         if int(count.sum()) == 0:
-            return
-        correct, nats, n_bytes = self._gather(self._correct), self._gather(self._nats), self._gather(self._bytes)
+            return {}
         is_lm = int(n_bytes.sum()) > 0
         overall = lm_metrics(float(nats.sum()), int(count.sum()), int(n_bytes.sum()))
-        self.log(f"{prefix}/loss", overall["loss"])
-        self.log(f"{prefix}/acc", float(correct.sum() / count.sum().clamp_min(1)), prog_bar=True)
+        out = {f"{prefix}/loss": overall["loss"], f"{prefix}/acc": float(correct.sum() / count.sum().clamp_min(1))}
         if is_lm:
-            self.log(f"{prefix}/ppl", overall["ppl"])
-            self.log(f"{prefix}/bpb", overall["bpb"], prog_bar=True)
+            out[f"{prefix}/ppl"], out[f"{prefix}/bpb"] = overall["ppl"], overall["bpb"]
         for i, name in enumerate(self.slice_names):
             n = int(count[i])
             if not n:
                 continue
-            self.log(f"{prefix}/acc/{name}", int(correct[i]) / n)
+            out[f"{prefix}/acc/{name}"] = int(correct[i]) / n
             if is_lm:
                 for key, value in lm_metrics(float(nats[i]), n, int(n_bytes[i])).items():
-                    self.log(f"{prefix}/{key}/{name}", value)
+                    out[f"{prefix}/{key}/{name}"] = value
+        return out
+
+    def _eval_log(self, prefix: str):
+        for key, value in self.eval_metrics(prefix).items():
+            self.log(key, value, prog_bar=key in (f"{prefix}/acc", f"{prefix}/bpb"))
 
     def on_validation_epoch_end(self):
         self._eval_log("val")

@@ -36,12 +36,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ssdbench import engine
 from ssdbench import record as rec
+import ssdbench.budget  # the budget knob's checks, record fields and config resolvers
 from ssdbench.errors import ConfigError, DivergedError
 from ssdbench.lit import SequenceLM
 
@@ -256,6 +258,8 @@ def _check_fields(node: DictConfig, group: str) -> None:
 
 
 def _check_run_options(cfg: DictConfig) -> None:
+    # first: with a bad budget the steps it scales (trainer.max_steps) resolve to null
+    ssdbench.budget.check_budget(cfg)
     for key in ("max_steps",):
         v = cfg.trainer.get(key)
         if not (isinstance(v, int) and v > 0):
@@ -334,6 +338,14 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [c for c in candidates if c.is_file()]
     return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
+
+
+def _checkpoint_keys(path) -> set[str]:
+    """The top-level keys of a checkpoint (to tell which loop wrote it)."""
+    try:
+        return set(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is Lightning's to report
+        return set()
 
 
 def _comparable_config(cfg: DictConfig) -> dict:
@@ -475,9 +487,20 @@ def train(cfg: DictConfig, previous: dict | None = None, fresh: bool = False) ->
     for extra in (cfg.get("logger") or {}).values():
         if extra is not None:
             loggers.append(build(extra))
-    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
+    # trainer.cuda_graph chooses ssdbench's graphed loop (ssdbench/engine.py); it is no
+    # argument of lightning.Trainer
+    trainer_node = cfg.trainer.copy()
+    with open_dict(trainer_node):
+        graph_choice = engine.parse_choice(trainer_node.pop("cuda_graph", "auto"))
+    if graph_choice is True and not torch.cuda.is_available():
+        engine.decide(True, None, cfg)  # the one-line error, before anything is built
+    trainer = build(trainer_node, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
                     enable_progress_bar=bool(cfg.progress_bar), use_distributed_sampler=False,
                     **_trainer_overrides(cfg))
+    use_graphs, why = engine.decide(graph_choice, trainer, cfg)
+    if not use_graphs and torch.cuda.is_available() and graph_choice is not False:
+        print(f"ssdbench run: CUDA graphs off ({why}): Lightning's loop trains this run", file=sys.stderr)
+    trainer.ssdbench_graphs = (use_graphs, why)
     world = int(trainer.world_size)
     launches = world > 1 and not trainer.strategy.cluster_environment.creates_processes_externally
     if launches:
@@ -541,23 +564,44 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
         batch_size_per_device=(cfg.task.batch_size // world) if cfg.task.get("batch_size") else None,
         resumed_from=resume,
         previous_status=(previous or {}).get("status"),
+        budget=ssdbench.budget.record_fields(cfg),  # fraction of the paper's steps; None outside a protocol
     )
+    use_graphs, why = getattr(trainer, "ssdbench_graphs", (False, None))
+    loop = None
+    if use_graphs:
+        loop = engine.Engine(lit, datamodule, trainer, record_cb, ckpt_path=run_dir / "checkpoints" / "last.ckpt",
+                             checkpoint_every=cfg.checkpoint_every, graphs=True,
+                             progress_bar=bool(cfg.progress_bar), terminated=Terminated)
+    elif resume and engine.ENGINE_KEY in _checkpoint_keys(resume):
+        raise ConfigError("trainer.cuda_graph", f"{resume} was written by the graphed loop, which this "
+                          f"run cannot use ({why}); resume it where CUDA graphs run, or force=true")
+    record_cb.base["cuda_graph"] = {"mode": "graphs" if use_graphs else "lightning", "why_not": why}
+    runner = loop or trainer  # what the record reads step counts from and checkpoints through
     metrics: dict = {}
     try:
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
-        if trainer.interrupted:  # stopped by a callback or signal without an exception reaching us
-            raise KeyboardInterrupt
-        # Under SLURM, Lightning's validate() loads the newest hpc_ckpt_<n>.ckpt of the run
-        # directory when it finds one: a requeue checkpoint older than the weights in memory.
-        # Training is over, so they are of no further use.
-        if trainer.is_global_zero:
-            for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
-                stale.unlink(missing_ok=True)
-        trainer.strategy.barrier("ssdbench-hpc-cleanup")
+        if loop is not None:
+            loop.fit(resume)
+        else:
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
+            if trainer.interrupted:  # stopped by a callback or signal without an exception reaching us
+                raise KeyboardInterrupt
+            # Under SLURM, Lightning's validate() loads the newest hpc_ckpt_<n>.ckpt of the run
+            # directory when it finds one: a requeue checkpoint older than the weights in memory.
+            # Training is over, so they are of no further use.
+            if trainer.is_global_zero:
+                for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
+                    stale.unlink(missing_ok=True)
+            trainer.strategy.barrier("ssdbench-hpc-cleanup")
         with _sigterm_raises():  # Lightning turns SIGTERM into an exception only inside fit
-            final = trainer.validate(lit, datamodule=datamodule, verbose=False)[0]
-            metrics = {k: float(v) for k, v in final.items()}
-            if not trainer.is_global_zero:  # the other DDP processes are done: rank 0 reports
+            if loop is not None:
+                metrics = loop.validate()
+                loop._log(metrics, loop.global_step)
+                loop._save_logs()
+                record_cb.base["cuda_graph"].update(loop.record_fields())
+            else:
+                final = trainer.validate(lit, datamodule=datamodule, verbose=False)[0]
+                metrics = {k: float(v) for k, v in final.items()}
+            if not runner.is_global_zero:  # the other DDP processes are done: rank 0 reports
                 return metrics
             # Tasks with an evaluation beyond the validation loop (e.g. induction heads at test
             # lengths up to 2^20, streamed through the recurrent path) provide
@@ -570,15 +614,17 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
         # "running"; inside fit, on_exception has already recorded it. An interrupted
         # evaluation keeps the weights (a rerun resumes at the last step and evaluates again)
         # and the metrics it had.
+        if loop is not None:
+            record_cb.base["cuda_graph"].update(loop.record_fields())
         if record_cb.status == "running":
             record_cb.error = f"{type(e).__name__}: {e}"
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                record_cb.save_checkpoint(trainer)
-                record_cb.write(trainer, lit, "interrupted", metrics or None)
+                record_cb.save_checkpoint(runner)
+                record_cb.write(runner, lit, "interrupted", metrics or None)
             else:
-                record_cb.write(trainer, lit, "failed")
+                record_cb.write(runner, lit, "failed")
         raise
-    path = record_cb.write(trainer, lit, "ok", metrics)
+    path = record_cb.write(runner, lit, "ok", metrics)
     _print_summary(cfg, metrics, path, record_cb)
     return metrics
 
