@@ -1,4 +1,5 @@
-"""Pieces shared by the synthetic tasks: segments (sequence length x difficulty) and batching.
+"""Pieces shared by the synthetic tasks: segments (sequence length x difficulty), batching,
+the on-disk cache in front of the generators, and training data made fresh every step.
 
 A split is a list of *segments*: each a block of examples with one sequence length and one
 setting of the task's difficulty knob (e.g. MQAR's number of key-value pairs). Batches never
@@ -7,20 +8,83 @@ mix segments, so no padding is needed, and accuracy is reported per segment ("sl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ssdbench.errors import require
+
 
 @dataclass
 class Segment:
-    """One block of examples: inputs (n, T) int64, labels (n, T) int64 (-100 = unsupervised)."""
+    """One block of examples: inputs (n, T), labels (n, T) (-100 = unsupervised).
+
+    Integer tensors in the smallest dtype that holds the vocabulary and -100 (``token_dtype``):
+    at the papers' sizes int64 would not fit in memory (selective copying, 10^5 x 4096 tokens:
+    6.6 GB as int64, 0.8 GB as int8). ``SegmentDataset`` hands batches out as int64.
+    """
 
     name: str
     inputs: torch.Tensor
     labels: torch.Tensor
+
+
+def token_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest signed integer dtype holding token ids 0 .. vocab_size - 1 and -100."""
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if vocab_size - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def numpy_int_dtype(dtype: torch.dtype) -> np.dtype:
+    """numpy's dtype for a torch integer dtype (the generators work in numpy)."""
+    out = {torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}.get(dtype)
+    if out is None:
+        raise ValueError(f"token tensors must be int8, int16, int32 or int64, not {dtype}")
+    return np.dtype(out)
+
+
+def rows_per_chunk(width: int, elements: int = 1 << 21) -> int:
+    """Rows of ``width`` columns making about ``elements`` numbers (16 MB of float64): the
+    generators work through their rows in chunks of this size, so temporaries stay small and
+    the allocator reuses them instead of faulting in fresh pages for every full-size array."""
+    return max(1, elements // max(1, width))
+
+
+def smallest_k(r: np.ndarray, k: int) -> np.ndarray:
+    """``np.argsort(r, axis=1)[:, :k]`` for ``r`` uniform in [0, 1), without sorting rows.
+
+    Only the entries below a threshold t are sorted, where t is chosen so that a row holds
+    at least k of them except with probability below 1e-10 (the count is Binomial(m, t) with
+    mean k + 8 sqrt(k) + 16); a row that falls short is sorted in full, so the result is
+    argsort's either way (up to the order of equal values, which argsort leaves open too).
+    Sampling k of m without replacement this way costs O(m) per row, not O(m log m): MQAR's
+    keys and values at vocabulary 8192 are 2 x 4095 numbers per row. Returns (c, k) column
+    indices, in ascending order of value.
+    """
+    c, m = r.shape
+    bound = k + 8 * k ** 0.5 + 16
+    if 4 * bound >= m:  # the threshold would keep most of each row: sorting is as cheap
+        return np.argsort(r, axis=1)[:, :k]
+    # 1-D nonzero, fancy indexing and sort: each about half the time of its 2-D, stable form.
+    flat = np.flatnonzero(r < bound / m)  # (nnz,) candidates, row-major: columns ascend per row
+    rows, cols = np.divmod(flat, m)  # (nnz,) each
+    counts = np.bincount(rows, minlength=c)  # (c,)
+    w = max(k, int(counts.max(initial=0)))
+    slot = rows * w + np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]  # (nnz,) place in (c, w)
+    vals = np.full((c, w), np.inf)  # (c, w) candidates, inf-padded
+    vals.ravel()[slot] = r.ravel()[flat]
+    idx = np.zeros((c, w), dtype=np.int64)  # (c, w) their columns
+    idx.ravel()[slot] = cols
+    out = np.take_along_axis(idx, np.argsort(vals, axis=1)[:, :k], axis=1)  # (c, k)
+    short = counts < k
+    if short.any():
+        out[short] = np.argsort(r[short], axis=1)[:, :k]
+    return out
 
 
 class SegmentDataset(Dataset):
@@ -37,18 +101,19 @@ class SegmentDataset(Dataset):
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         j = i - int(self.offsets[s])
         seg = self.segments[s]
-        return {"input_ids": seg.inputs[j], "labels": seg.labels[j], "slice": torch.tensor(s)}
+        return {"input_ids": seg.inputs[j].long(), "labels": seg.labels[j].long(),  # (T,) each
+                "slice": torch.tensor(s)}
 
     def __getitems__(self, indices: list[int]) -> dict:
         """A whole batch at once (the DataLoader's batched fetch): one gather per segment
-        instead of a Python call per example. Returns the batch as the default collate would
-        stack the items (see collate_batch)."""
+        instead of a Python call per example, cast from the segments' compact dtype to int64.
+        Returns the batch as the default collate would stack the items (see collate_batch)."""
         idx = np.asarray(indices, dtype=np.int64)
         seg = np.searchsorted(self.offsets, idx, side="right") - 1  # (b,) segment of each example
         if (seg == seg[0]).all():  # the batch samplers never mix segments: one gather
             s = self.segments[int(seg[0])]
             j = torch.from_numpy(idx - self.offsets[seg[0]])
-            return {"input_ids": s.inputs[j], "labels": s.labels[j],
+            return {"input_ids": s.inputs[j].long(), "labels": s.labels[j].long(),  # (b, T) each
                     "slice": torch.full((len(idx),), int(seg[0]), dtype=torch.long)}
         items = [self[int(i)] for i in idx]
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
@@ -99,26 +164,145 @@ class SegmentBatchSampler(Sampler[list[int]]):
                    for s in range(len(self.dataset.segments)))
 
 
+class FreshBatchDataset(Dataset):
+    """Training examples made on demand, a new batch every step (the Mamba-1 protocol for
+    induction heads), deterministic from (seed, batch number) alone.
+
+    Index i is row ``i % batch_size`` of batch number ``g = i // batch_size``; batch g is
+    ``make_batch(g)`` (inputs (b, T), labels (b, T)). Batch numbers count from the start of
+    training and go on past one epoch, so indices beyond ``len()`` are valid: ``len()`` is
+    one epoch's examples. The last batch made is kept, so fetching it row by row (or a rank's
+    share of it under DDP) generates it once.
+    """
+
+    def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                 batch_size: int, num_batches: int, name: str):
+        self.make_batch, self.batch_size = make_batch, batch_size
+        self.num_batches, self.name = num_batches, name
+        self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number g: inputs (b, T), labels (b, T), int64."""
+        if self._last is None or self._last[0] != g:
+            x, y = self.make_batch(g)  # (b, T) each
+            self._last = (g, x.long(), y.long())
+        return self._last[1], self._last[2]
+
+    def __getitem__(self, i: int) -> dict:
+        x, y = self.batch(i // self.batch_size)  # (b, T) each
+        r = i % self.batch_size
+        return {"input_ids": x[r], "labels": y[r], "slice": torch.tensor(0)}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """The batch (or the rows of it asked for), one generation per batch number."""
+        idx = np.asarray(indices, dtype=np.int64)
+        g = idx // self.batch_size  # (b,) batch number of each index
+        if (g == g[0]).all():  # FreshBatchSampler asks for one batch at a time
+            x, y = self.batch(int(g[0]))  # (B, T) each
+            r = torch.from_numpy(idx % self.batch_size)  # (b,)
+            return {"input_ids": x[r], "labels": y[r], "slice": torch.zeros(len(idx), dtype=torch.long)}
+        items = [self[int(i)] for i in idx]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    @property
+    def slice_names(self) -> list[str]:
+        return [self.name]
+
+
+class FreshBatchSampler(Sampler[list[int]]):
+    """Batch numbers in training order: epoch e is batches e * n .. (e + 1) * n - 1.
+
+    ``position()``, when given, says how many batches training has already taken (the
+    datamodule reads it from the trainer's step count); an epoch then starts there, not at
+    its first batch. A run resumed from a checkpoint in the middle of an epoch therefore gets
+    the batches it would have got without the interruption, and Lightning, which expects the
+    rest of the epoch, gets exactly that many. Without a trainer, epochs follow each other
+    from batch 0.
+    """
+
+    def __init__(self, dataset: FreshBatchDataset, position: Callable[[], int | None] | None = None):
+        self.dataset, self.position = dataset, position
+        self.epoch = 0
+
+    def __iter__(self):
+        n, b = self.dataset.num_batches, self.dataset.batch_size
+        start = self.position() if self.position is not None else None
+        if start is None:
+            start = self.epoch * n
+        self.epoch = start // n + 1
+        end = (start // n + 1) * n  # the end of the epoch that `start` falls in
+        return iter([list(range(g * b, (g + 1) * b)) for g in range(start, end)])
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches
+
+
 class SyntheticDataModule(L.LightningDataModule):
-    """A datamodule over train/test segment lists built by ``build_split(split, seed)``."""
+    """A datamodule over train/test segment lists built by ``build_split(split, seed)``.
+
+    Splits go through the on-disk cache (``tasks/cache.py``) keyed by ``data_params(split)``,
+    the seed and ``generator_version``; ``cache=False`` generates them every time. A subclass
+    that sets ``fresh_data`` and implements ``fresh_train_set()`` trains on batches made on
+    the fly (``FreshBatchDataset``) instead of a fixed train split.
+    """
 
     vocab_size: int
+    # Bump in a task whenever its generator's output changes for the same parameters and
+    # seed: the cache key includes it, so files of the old generator are no longer read.
+    generator_version: int = 1
+    fresh_data: bool = False
 
-    def __init__(self, batch_size: int, seed: int, num_workers: int = 0, curriculum: bool = False):
+    def __init__(self, batch_size: int, seed: int, num_workers: int = 0, curriculum: bool = False,
+                 cache: bool = True):
         super().__init__()
+        require(isinstance(cache, bool), "task.cache", f"must be true or false, got {cache!r}")
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.curriculum = curriculum  # train segments in their listed order (see SegmentBatchSampler)
-        self.train_set: SegmentDataset | None = None
+        self.cache = cache
+        self.train_set: SegmentDataset | FreshBatchDataset | None = None
         self.test_set: SegmentDataset | None = None
 
     def build_split(self, split: str, seed: int) -> list[Segment]:
         raise NotImplementedError
 
+    def data_params(self, split: str) -> dict:
+        """Every parameter that determines ``build_split(split, seed)``'s data besides the
+        seed (JSON types only): the cache key. A parameter missing here would let two
+        different configs share one cache file, so list all of them."""
+        raise NotImplementedError
+
+    def fresh_train_set(self) -> FreshBatchDataset:
+        """The training set when ``fresh_data`` is on. Its ``make_batch`` should be picklable
+        without the datamodule (a module-level function with its arguments bound), since
+        loader workers may be spawned and the datamodule holds the trainer."""
+        raise NotImplementedError
+
+    def load_split(self, split: str, seed: int) -> list[Segment]:
+        """``build_split(split, seed)``, through the on-disk cache unless it is off."""
+        from ssdbench.tasks.cache import cached_segments  # cache.py imports Segment from here
+
+        return cached_segments(type(self).__name__, self.data_params(split), seed, self.generator_version,
+                               lambda: self.build_split(split, seed), enabled=self.cache)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             # Train and test come from different seeds, so they never share a random stream.
-            self.train_set = SegmentDataset(self.build_split("train", self.seed))
-            self.test_set = SegmentDataset(self.build_split("test", self.seed + 1_000_003))
+            if self.fresh_data:
+                self.train_set = self.fresh_train_set()
+            else:
+                self.train_set = SegmentDataset(self.load_split("train", self.seed))
+            self.test_set = SegmentDataset(self.load_split("test", self.seed + 1_000_003))
+
+    def _batches_taken(self) -> int | None:
+        """Training batches taken so far (optimizer steps x accumulation), from the trainer
+        this datamodule is attached to; None outside a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return int(trainer.global_step) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
     def _loader(self, ds: SegmentDataset, shuffle: bool) -> DataLoader:
         sampler = SegmentBatchSampler(ds, self.batch_size, shuffle=shuffle, seed=self.seed,
@@ -126,6 +310,10 @@ class SyntheticDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_batch)
 
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_set, FreshBatchDataset):
+            sampler = FreshBatchSampler(self.train_set, position=self._batches_taken)
+            return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                              collate_fn=collate_batch)
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

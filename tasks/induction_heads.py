@@ -32,40 +32,64 @@ Worked example (``induction_heads_examples(1, 12, 16, seed=3)``: V = 16, special
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ssdbench.errors import ConfigError, require, require_positive_int
-from ssdbench.tasks.base import Segment, SyntheticDataModule
+from ssdbench.tasks.base import (FreshBatchDataset, Segment, SyntheticDataModule, numpy_int_dtype,
+                                  rows_per_chunk, token_dtype)
 
 IGNORE = -100
+# Part of the cache key: bump it whenever induction_heads_examples' output changes for the
+# same arguments, so that cached files of the old output are not read.
+GENERATOR_VERSION = 1
+# First word of the seed of fresh training batches, (FRESH_STREAM, seed, batch number): a
+# stream of its own, apart from the fixed sets' integer seeds.
+FRESH_STREAM = 0x1D0C7
 
 
 def induction_heads_examples(
     num_examples: int,
     seq_len: int,
     vocab_size: int = 16,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
+    dtype: torch.dtype = torch.int64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Induction-head examples: inputs (n, seq_len) and labels (n, seq_len), int64."""
+    """Induction-head examples: inputs (n, seq_len) and labels (n, seq_len) of ``dtype``.
+
+    ``seed`` is anything ``np.random.default_rng`` takes (fresh training batches use
+    ``(FRESH_STREAM, seed, batch number)``). The tokens are drawn in chunks of rows (one
+    random stream: the data equal the unchunked generator's, ``GENERATOR_VERSION`` 1) and
+    written in ``dtype`` directly, so no full-size int64 matrix is made.
+    """
     check_induction_heads(seq_len, vocab_size)
     require_positive_int(num_examples, "task.num_examples")
+    out_dtype = numpy_int_dtype(dtype)
+    require(np.iinfo(out_dtype).max >= vocab_size - 1, "task.vocab_size",
+            f"{vocab_size} tokens do not fit in {dtype}")
     n, T, V = num_examples, seq_len, vocab_size
     special = V - 1
     rng = np.random.default_rng(seed)
-    full = rng.integers(0, special, size=(n, T + 1))  # ordinary tokens; full[:, T] = target
-    p = rng.integers(0, T - 2, size=n)  # first special at p, its target at p + 1 <= T - 2
+    inputs = np.empty((n, T), dtype=out_dtype)  # (n, T)
+    step = rows_per_chunk(T + 1)
+    for a in range(0, n, step):
+        # Ordinary tokens; the generator draws T + 1 per row, the last one a placeholder for
+        # the target (overwritten below), so the stream is the same as it always was.
+        inputs[a:a + step] = rng.integers(0, special, size=(min(step, n - a), T + 1))[:, :T]  # (c, T)
+    p = rng.integers(0, T - 2, size=n)  # (n,) first special at p, its target at p + 1 <= T - 2
     rows = np.arange(n)
-    full[rows, p] = special
-    full[:, T - 1] = special
-    full[:, T] = full[rows, p + 1]  # the answer: the token that followed the first special
-    labels_full = np.full_like(full, IGNORE)
-    labels_full[:, T] = full[:, T]
-    inputs, labels = full[:, :-1], labels_full[:, 1:]  # next-token shift: (n, T) each
-    return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(np.ascontiguousarray(labels))
+    inputs[rows, p] = special
+    inputs[:, T - 1] = special
+    labels = np.full((n, T), IGNORE, dtype=out_dtype)  # (n, T)
+    # The answer: the token that followed the first special, as the label of the last position
+    # (the next-token convention: inputs = full[:-1], labels = full[1:], full ending in it).
+    labels[:, T - 1] = inputs[rows, p + 1]
+    return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
 def check_induction_heads(seq_len: int, vocab_size: int, where: str = "task",
@@ -93,14 +117,27 @@ def _next_time(times: list[tuple[int, float]], T: int) -> float:
 
 
 class InductionHeadsDataModule(SyntheticDataModule):
-    """Train at one length; test one segment per length in ``test_lengths``."""
+    """Train at one length; test one segment per length in ``test_lengths``.
+
+    ``fresh_data``: train on new sequences every step, as the Mamba-1 paper does, instead of
+    passes over ``num_train_examples`` fixed ones. Batch g of training is generated from
+    (seed, g) alone, so a resumed run sees the batches it would have seen; an "epoch" is
+    ``num_train_examples // batch_size`` batches (for the trainer's epoch-based bookkeeping),
+    and the test sets stay fixed. ``cache``: read and write the fixed splits in the on-disk
+    cache (``tasks/cache.py``).
+    """
+
+    generator_version = GENERATOR_VERSION
 
     def __init__(self, vocab_size: int = 16, train_seq_len: int = 256,
                  test_lengths: list | None = None, num_train_examples: int = 10000,
                  num_test_examples: int = 256, batch_size: int = 64, seed: int = 0,
                  num_workers: int = 0, eval_lengths: list | None = None, eval_examples: int = 32,
-                 eval_tokens_per_batch: int = 2**20, eval_time_limit_s: float = 1800.0):
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+                 eval_tokens_per_batch: int = 2**20, eval_time_limit_s: float = 1800.0,
+                 fresh_data: bool = False, cache: bool = True):
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, cache=cache)
+        require(isinstance(fresh_data, bool), "task.fresh_data", f"must be true or false, got {fresh_data!r}")
+        self.fresh_data = fresh_data
         check_induction_heads(train_seq_len, vocab_size, len_field="train_seq_len")
         self.vocab_size = vocab_size
         self.eval_lengths = [self._length(T, i, "eval_lengths") for i, T in enumerate(eval_lengths or [])]
@@ -191,17 +228,47 @@ class InductionHeadsDataModule(SyntheticDataModule):
     def max_seq_len(self) -> int:
         return max([self.train_seq_len, *self.test_lengths])
 
+    def data_params(self, split: str) -> dict:
+        """The cache key's parameters (the seed is keyed separately)."""
+        if split == "train":
+            return {"split": split, "vocab_size": self.vocab_size, "seq_len": self.train_seq_len,
+                    "num_examples": self.num_train_examples}
+        return {"split": split, "vocab_size": self.vocab_size, "lengths": self.test_lengths,
+                "num_examples": self.num_test_examples}
+
     def build_split(self, split: str, seed: int) -> list[Segment]:
+        dtype = token_dtype(self.vocab_size)
         if split == "train":
             x, y = induction_heads_examples(self.num_train_examples, self.train_seq_len,
-                                            self.vocab_size, seed=seed * 1000)
+                                            self.vocab_size, seed=seed * 1000, dtype=dtype)  # (n, T) each
             return [Segment(f"T={self.train_seq_len}", x, y)]
         out = []
         for i, T in enumerate(self.test_lengths):
             x, y = induction_heads_examples(self.num_test_examples, T, self.vocab_size,
-                                            seed=seed * 1000 + i)
+                                            seed=seed * 1000 + i, dtype=dtype)  # (n, T) each
             out.append(Segment(f"T={T}", x, y))
         return out
+
+    def fresh_train_set(self) -> FreshBatchDataset:
+        """With ``fresh_data``: num_train_examples // batch_size batches an epoch, batch g made
+        by ``fresh_training_batch`` (a new one every step, epoch after epoch)."""
+        make = functools.partial(fresh_training_batch, self.batch_size, self.train_seq_len, self.vocab_size,
+                                 self.seed)
+        return FreshBatchDataset(make, self.batch_size, max(1, self.num_train_examples // self.batch_size),
+                                 f"T={self.train_seq_len}")
+
+    def fresh_batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch number g with ``fresh_data``: inputs (b, T), labels (b, T)."""
+        return fresh_training_batch(self.batch_size, self.train_seq_len, self.vocab_size, self.seed, g)
+
+
+def fresh_training_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int,
+                         g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch number g (counted from the start of training) of a ``fresh_data`` run: the fixed
+    sets' generator seeded by (FRESH_STREAM, seed, g), so any batch can be remade from those
+    numbers alone (a resumed run, a loader worker). inputs (b, T), labels (b, T), compact."""
+    return induction_heads_examples(batch_size, seq_len, vocab_size, seed=(FRESH_STREAM, seed, g),
+                                    dtype=token_dtype(vocab_size))
 
 
 def _is_oom(e: BaseException) -> bool:

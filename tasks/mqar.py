@@ -28,9 +28,13 @@ import numpy as np
 import torch
 
 from ssdbench.errors import ConfigError, require, require_positive_int
-from ssdbench.tasks.base import Segment, SyntheticDataModule
+from ssdbench.tasks.base import (Segment, SyntheticDataModule, numpy_int_dtype, rows_per_chunk, smallest_k,
+                                  token_dtype)
 
 IGNORE = -100
+# The generator's version, part of the cache key: bump it whenever mqar_examples' output
+# changes for the same arguments, so that cached files of the old output are not read.
+GENERATOR_VERSION = 1
 
 
 def mqar_examples(
@@ -41,47 +45,73 @@ def mqar_examples(
     power_a: float = 0.01,
     random_non_queries: bool = True,
     seed: int = 0,
+    dtype: torch.dtype = torch.int64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generate MQAR examples: inputs (n, T) and labels (n, T), int64, deterministic per seed."""
+    """Generate MQAR examples: inputs (n, T) and labels (n, T) of ``dtype``, deterministic per seed.
+
+    The random stream is drawn in a fixed order (all rows' key draws, then values, then query
+    gaps, then filler noise), each in chunks of rows; chunked draws continue one stream, so
+    the data are the same for any chunk size, and the same as the unchunked generator made
+    (``GENERATOR_VERSION`` 1). ``dtype``: the datamodule asks for the compact ``token_dtype``.
+    """
     T, K, V = input_seq_len, num_kv_pairs, vocab_size
     check_mqar_shape(T, K, V)
+    out_dtype = numpy_int_dtype(dtype)
+    require(np.iinfo(out_dtype).max >= V - 1, "task.vocab_size", f"{V} tokens do not fit in {dtype}")
     rng = np.random.default_rng(seed)
     n = num_examples
     context = 2 * K
+    idx_dtype = np.int16 if V // 2 <= np.iinfo(np.int16).max else np.int32
 
-    # Distinct keys and values per row: argsort of uniform noise gives a random permutation
-    # per row, of which we keep the first K entries (vectorised sampling without replacement).
-    key_pool = np.arange(1, V // 2)
-    value_pool = np.arange(V // 2, V)
-    keys = key_pool[np.argsort(rng.random((n, key_pool.size)), axis=1)[:, :K]]  # (n, K)
-    values = value_pool[np.argsort(rng.random((n, value_pool.size)), axis=1)[:, :K]]  # (n, K)
-    kvs = np.empty((n, context), dtype=np.int64)
-    kvs[:, 0::2], kvs[:, 1::2] = keys, values  # (n, 2K) k1 v1 k2 v2 ...
+    # Distinct keys and values per row: the first K of a random permutation per row (the K
+    # smallest of uniform noise, in order: vectorised sampling without replacement).
+    def sample_distinct(pool: np.ndarray) -> np.ndarray:
+        out = np.empty((n, K), dtype=idx_dtype)  # (n, K)
+        step = rows_per_chunk(pool.size)
+        buf = np.empty((min(step, n), pool.size))  # (c, |pool|) reused: no fresh pages per chunk
+        for a in range(0, n, step):
+            r = buf[:min(step, n - a)]
+            rng.random(out=r)
+            out[a:a + len(r)] = pool[smallest_k(r, K)]  # (c, K)
+        return out
+
+    keys = sample_distinct(np.arange(1, V // 2))  # (n, K) from [1, V/2)
+    values = sample_distinct(np.arange(V // 2, V))  # (n, K) from [V/2, V)
 
     # Query gaps: `space` candidate slots (every second position after the context), chosen
     # without replacement with probability proportional to the power law a * i^(a-1).
     space = (T - context) // 2
     p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
     p /= p.sum()
+    log_p = np.log(p)[None, :]  # (1, space)
     # Weighted sampling without replacement, per row: the Gumbel-top-k trick.
-    gumbel = -np.log(-np.log(rng.random((n, space))))
-    gaps = np.argsort(-(np.log(p)[None, :] + gumbel), axis=1)[:, :K]  # (n, K)
+    gaps = np.empty((n, K), dtype=np.int32)  # (n, K)
+    step = rows_per_chunk(space)
+    for a in range(0, n, step):
+        gumbel = -np.log(-np.log(rng.random((min(step, n - a), space))))  # (c, space)
+        gaps[a:a + len(gumbel)] = np.argsort(-(log_p + gumbel), axis=1)[:, :K]  # (c, K)
 
-    queries = np.zeros((n, T - context + 1), dtype=np.int64)  # (n, T - 2K + 1)
-    rows = np.arange(n)[:, None]
-    queries[rows, 2 * gaps] = keys
-    full = np.concatenate([kvs, queries], axis=1)  # (n, T + 1)
-    labels_full = np.full_like(full, IGNORE)
-    labels_full[rows, context + 2 * gaps + 1] = values  # the value follows its query key
-    inputs, labels = full[:, :-1], labels_full[:, 1:]  # next-token shift: (n, T) each
-
-    if random_non_queries:
-        # Fill the empty slots with random tokens, so the model must find the queries.
-        noise = rng.integers(0, V, size=inputs.shape)
-        filler = np.zeros_like(inputs, dtype=bool)
-        filler[:, context:] = inputs[:, context:] == 0
-        inputs = np.where(filler, noise, inputs)
-    return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(np.ascontiguousarray(labels))
+    inputs = np.empty((n, T), dtype=out_dtype)  # (n, T)
+    labels = np.empty((n, T), dtype=out_dtype)  # (n, T)
+    step = rows_per_chunk(T)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        c = b - a
+        rows = np.arange(c)[:, None]
+        full = np.zeros((c, T + 1), dtype=np.int64)  # (c, T + 1)
+        full[:, 0:context:2], full[:, 1:context:2] = keys[a:b], values[a:b]  # k1 v1 k2 v2 ...
+        full[rows, context + 2 * gaps[a:b]] = keys[a:b]  # the queries
+        labels_full = np.full_like(full, IGNORE)  # (c, T + 1)
+        labels_full[rows, context + 2 * gaps[a:b] + 1] = values[a:b]  # the value follows its query key
+        x, y = full[:, :-1], labels_full[:, 1:]  # next-token shift: (c, T) each
+        if random_non_queries:
+            # Fill the empty slots with random tokens, so the model must find the queries.
+            noise = rng.integers(0, V, size=(c, T))  # (c, T)
+            filler = np.zeros((c, T), dtype=bool)
+            filler[:, context:] = x[:, context:] == 0
+            x = np.where(filler, noise, x)
+        inputs[a:b], labels[a:b] = x, y
+    return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
 def check_mqar_shape(input_seq_len: int, num_kv_pairs: int, vocab_size: int, where: str = "task") -> None:
@@ -100,15 +130,19 @@ def check_mqar_shape(input_seq_len: int, num_kv_pairs: int, vocab_size: int, whe
 class MQARDataModule(SyntheticDataModule):
     """MQAR train/test sets made of segments ``{input_seq_len, num_kv_pairs, num_examples}``."""
 
+    generator_version = GENERATOR_VERSION
+
     def __init__(self, vocab_size: int, train_segments: list, test_segments: list,
                  batch_size: int = 64, power_a: float = 0.01, random_non_queries: bool = True,
                  seed: int = 0, num_workers: int = 0, seq_len: int | None = None,
-                 curriculum: bool = False):
+                 curriculum: bool = False, cache: bool = True):
         """``seq_len`` is the length of segments that give none; a segment may give its pair
         count as ``kv_fraction`` of its length instead of ``num_kv_pairs`` (Figure 8's T/32 ..
         T/4), so one preset serves every T: ``task.seq_len=512`` changes all of them.
-        ``curriculum``: train segments in their listed order instead of interleaved."""
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, curriculum=curriculum)
+        ``curriculum``: train segments in their listed order instead of interleaved.
+        ``cache``: read and write the splits in the on-disk cache (``tasks/cache.py``)."""
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, curriculum=curriculum,
+                         cache=cache)
         require_positive_int(vocab_size, "task.vocab_size")
         require_positive_int(batch_size, "task.batch_size")
         require(power_a > 0, "task.power_a", f"must be positive, got {power_a}")
@@ -149,11 +183,18 @@ class MQARDataModule(SyntheticDataModule):
     def max_seq_len(self) -> int:
         return max(s["input_seq_len"] for segs in self.segments.values() for s in segs)
 
+    def data_params(self, split: str) -> dict:
+        """The cache key's parameters: the resolved segments (lengths and pair counts after
+        ``seq_len`` and ``kv_fraction``), the vocabulary and the query placement."""
+        return {"split": split, "segments": self.segments[split], "vocab_size": self.vocab_size,
+                "power_a": float(self.power_a), "random_non_queries": bool(self.random_non_queries)}
+
     def build_split(self, split: str, seed: int) -> list[Segment]:
         out = []
         for i, s in enumerate(self.segments[split]):
             inputs, labels = mqar_examples(
                 s["num_examples"], s["input_seq_len"], s["num_kv_pairs"], self.vocab_size,
-                self.power_a, self.random_non_queries, seed=seed * 1000 + i)
+                self.power_a, self.random_non_queries, seed=seed * 1000 + i,
+                dtype=token_dtype(self.vocab_size))  # (n, T) each
             out.append(Segment(f"T={s['input_seq_len']},kv={s['num_kv_pairs']}", inputs, labels))
         return out

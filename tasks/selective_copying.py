@@ -33,9 +33,13 @@ import numpy as np
 import torch
 
 from ssdbench.errors import require, require_positive_int
-from ssdbench.tasks.base import Segment, SyntheticDataModule
+from ssdbench.tasks.base import (Segment, SyntheticDataModule, numpy_int_dtype, rows_per_chunk, smallest_k,
+                                  token_dtype)
 
 IGNORE = -100
+# Part of the cache key: bump it whenever selective_copying_examples' output changes for the
+# same arguments, so that cached files of the old output are not read.
+GENERATOR_VERSION = 1
 NOISE = 0
 MARKER = 1
 FIRST_DATA = 2
@@ -47,22 +51,38 @@ def selective_copying_examples(
     num_data_tokens: int,
     data_vocab: int,
     seed: int = 0,
+    dtype: torch.dtype = torch.int64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selective-copying examples: inputs (n, seq_len) and labels (n, seq_len), int64."""
+    """Selective-copying examples: inputs (n, seq_len) and labels (n, seq_len) of ``dtype``.
+
+    The positions are drawn in chunks of rows (one random stream, so the data do not depend
+    on the chunk size and equal the unchunked generator's, ``GENERATOR_VERSION`` 1), and the
+    outputs are written in ``dtype`` directly: at the paper's 10^5 x 4096 the int64 arrays
+    and a full-size matrix of noise to sort would take over 13 GB.
+    """
     check_selective_copying(seq_len, num_data_tokens, data_vocab)
     require_positive_int(num_examples, "task.num_examples")
+    out_dtype = numpy_int_dtype(dtype)
+    require(np.iinfo(out_dtype).max >= FIRST_DATA + data_vocab - 1, "task.data_vocab",
+            f"{data_vocab} data values do not fit in {dtype}")
     n, T, K = num_examples, seq_len, num_data_tokens
     region = T - K
     rng = np.random.default_rng(seed)
     # K distinct positions per row in the region (a random permutation's first K), sorted so
     # that the data keep their order.
-    pos = np.sort(np.argsort(rng.random((n, region)), axis=1)[:, :K], axis=1)  # (n, K)
+    pos = np.empty((n, K), dtype=np.int64)  # (n, K)
+    step = rows_per_chunk(region)
+    buf = np.empty((min(step, n), region))  # (c, region) reused across chunks
+    for a in range(0, n, step):
+        r = buf[:min(step, n - a)]
+        rng.random(out=r)
+        pos[a:a + len(r)] = np.sort(smallest_k(r, K), axis=1)  # (c, K)
     data = rng.integers(FIRST_DATA, FIRST_DATA + data_vocab, size=(n, K))  # (n, K)
     rows = np.arange(n)[:, None]
-    inputs = np.full((n, T), NOISE, dtype=np.int64)
+    inputs = np.full((n, T), NOISE, dtype=out_dtype)  # (n, T)
     inputs[rows, pos] = data
     inputs[:, region:] = MARKER
-    labels = np.full((n, T), IGNORE, dtype=np.int64)
+    labels = np.full((n, T), IGNORE, dtype=out_dtype)  # (n, T)
     labels[:, region:] = data  # the i-th marker answers the i-th data token
     return torch.from_numpy(inputs), torch.from_numpy(labels)
 
@@ -84,14 +104,17 @@ class SelectiveCopyingDataModule(SyntheticDataModule):
     """One train segment and one test segment of selective-copying examples.
 
     ``vocab_size`` is derived (``data_vocab + 2``); the config states it too, because the
-    model configs read ``${task.vocab_size}``, and it must then agree.
+    model configs read ``${task.vocab_size}``, and it must then agree. ``cache``: read and
+    write the splits in the on-disk cache (``tasks/cache.py``).
     """
+
+    generator_version = GENERATOR_VERSION
 
     def __init__(self, seq_len: int = 256, num_data_tokens: int = 16, data_vocab: int = 16,
                  vocab_size: int | None = None, num_train_examples: int = 10000,
                  num_test_examples: int = 500, batch_size: int = 64, seed: int = 0,
-                 num_workers: int = 0):
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+                 num_workers: int = 0, cache: bool = True):
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, cache=cache)
         check_selective_copying(seq_len, num_data_tokens, data_vocab)
         require_positive_int(num_train_examples, "task.num_train_examples")
         require_positive_int(num_test_examples, "task.num_test_examples")
@@ -108,7 +131,13 @@ class SelectiveCopyingDataModule(SyntheticDataModule):
     def max_seq_len(self) -> int:
         return self.seq_len
 
+    def data_params(self, split: str) -> dict:
+        """The cache key's parameters (the seed is keyed separately)."""
+        return {"split": split, "num_examples": self.num_examples[split], "seq_len": self.seq_len,
+                "num_data_tokens": self.num_data_tokens, "data_vocab": self.data_vocab}
+
     def build_split(self, split: str, seed: int) -> list[Segment]:
         inputs, labels = selective_copying_examples(
-            self.num_examples[split], self.seq_len, self.num_data_tokens, self.data_vocab, seed=seed)
+            self.num_examples[split], self.seq_len, self.num_data_tokens, self.data_vocab, seed=seed,
+            dtype=token_dtype(self.vocab_size))  # (n, T) each
         return [Segment(f"T={self.seq_len},k={self.num_data_tokens}", inputs, labels)]

@@ -187,6 +187,20 @@ def test_cli_induction_heads(tmp_path):
     assert 0.0 <= metrics["extrapolation/acc/T=128"] <= 1.0  # scored after training
 
 
+@pytest.mark.slow
+def test_cli_induction_heads_fresh_data(tmp_path, monkeypatch):
+    """task.fresh_data=true through the real trainer: 5 steps (_cli's) over epochs of 2 batches."""
+    monkeypatch.setenv("SSDBENCH_CACHE", str(tmp_path / "cache"))
+    _cli(tmp_path, "task=induction_heads", "task.fresh_data=true", "task.train_seq_len=32",
+         "task.test_lengths=[16,64]", "task.num_train_examples=32", "task.num_test_examples=16",
+         "task.batch_size=16")
+    import json
+    (record,) = tmp_path.rglob("record.json")
+    record = json.loads(record.read_text())
+    assert record["status"] == "ok" and record["global_step"] == 5
+    assert record["tokens_seen"] == 5 * 16 * 32
+
+
 # --- induction heads: evaluation at long lengths --------------------------------------------
 
 class _Oracle(torch.nn.Module):
