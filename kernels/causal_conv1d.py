@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_util import interpreting, pow2_factor
+from .triton_util import autotune, interpreting, pow2_factor
 
 # Default for impl="auto" on CUDA: this Triton kernel. It is faster on an H100
 # (results/h100/conv_bench.md, bf16, D=4096, L=2K: forward 0.50 vs 3.84 ms for F.conv1d,
@@ -233,19 +233,19 @@ def _grid(dim: int, block_d: int, n_time: int, batch: int) -> tuple[int, int, in
 @functools.lru_cache(maxsize=None)
 def _tuned_fwd():
     cfgs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=nw) for bd, bl, nw in _FWD_CONFIGS]
-    return triton.autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_fwd_kernel)
+    return autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_fwd_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_bwd_g():
     cfgs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=nw) for bd, bl, nw in _BWD_CONFIGS]
-    return triton.autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_bwd_g_kernel)
+    return autotune(cfgs, key=["DIM", "L", "s_xd", "s_xl"])(_causal_conv1d_bwd_g_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_bwd_dx():
     cfgs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=nw) for bd, bl, nw in _FWD_CONFIGS]
-    return triton.autotune(cfgs, key=["DIM", "L", "s_dxd", "s_dxl"])(_causal_conv1d_bwd_dx_kernel)
+    return autotune(cfgs, key=["DIM", "L", "s_dxd", "s_dxl"])(_causal_conv1d_bwd_dx_kernel)
 
 
 # ----------------------------------------------------------------------------------------------

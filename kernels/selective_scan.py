@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_util import exp2_ftz, interpreting
+from .triton_util import autotune, exp2_ftz, interpreting
 
 MAX_N = 256  # largest state size N (the backward holds BLOCK_N slices; the ceiling is the brief's)
 
@@ -423,7 +423,7 @@ def _tuned(kind: str, configs: tuple):
     cfgs = [triton.Config({"BLOCK_D": bd, **extra}, num_warps=nw) for bd, nw in configs]
     reset = ["dB_ptr", "dC_ptr"] if kind == "bwd" else None
     key = ["DIM", "N", "L", "DPG"] + (["NB"] if kind == "fwd" else [])
-    return triton.autotune(cfgs, key=key, reset_to_zero=reset)(fn)
+    return autotune(cfgs, key=key, reset_to_zero=reset)(fn)
 
 
 def _launch(kind: str, dim: int, G: int, batch: int, N: int, args: tuple, kwargs: dict):

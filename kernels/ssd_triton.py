@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import exp2_ftz, exp_ftz
+from .triton_util import autotune, exp2_ftz, exp_ftz
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -770,7 +770,7 @@ def _tuned(kernel, configs, key, reset_to_zero=None, tile_T=False):
     # timing run of the autotuner, or the first (tuning) call returns a multiple of the sum
     # a list of its own per autotuner: torch.compile traces into the autotuner and refused two
     # of them sharing one configs list once they prune it ("already tracked for mutation")
-    return triton.autotune(configs=list(configs), key=key, reset_to_zero=reset_to_zero,
+    return autotune(list(configs), key=key, reset_to_zero=reset_to_zero,
                            prune_configs_by=prune)(kernel), {}
 
 

@@ -1,6 +1,7 @@
 """Small Triton helpers shared by the kernels."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
@@ -12,6 +13,19 @@ def interpreting() -> bool:
     """Whether Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1). Read at call
     time: the launchers choose tile sizes and fallbacks by it, and tests switch it off."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Triton 3.2+ can keep autotuning results on disk (its cache, keyed by the kernel's source, the
+# configs and the key's values): a study's hundreds of short runs then tune each kernel once, not
+# once per process (every run of `ssdbench run` paid that in its first step before).
+_CACHES_TUNING = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(configs, key, **kwargs):
+    """triton.autotune with its results cached on disk where this Triton can."""
+    if _CACHES_TUNING:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **kwargs)
 
 
 # PTX cannot run under the interpreter. Read at import, as @triton.jit itself reads it.
