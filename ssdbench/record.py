@@ -126,9 +126,18 @@ OPERATIONAL_KEYS = frozenset({"progress_bar", "resume", "force", "results_dir", 
                               "jobs_per_gpu", "logger"})
 
 
+# Config keys added after records were first written, with the value every run before them
+# had in effect: a record without the key compares equal to a config holding that value, so
+# a rerun of an older finished sweep still skips its jobs instead of training them afresh.
+ADDED_KEYS = {"trainer.cuda_graph": "auto", "budget": None, "budget_over_paper": False, "paper": None,
+              "optim.schedule": "cosine", "optim.min_lr_ratio": None, "task.cache": True,
+              "task.fresh_data": False}
+
+
 def config_differences(recorded: dict, current: dict, ignore=OPERATIONAL_KEYS) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (JSON-normalised, so a
-    config read back from a record compares equal to the one it was written from)."""
+    config read back from a record compares equal to the one it was written from). A key of
+    ADDED_KEYS that the record lacks counts as its value then."""
     a = json.loads(json.dumps({k: v for k, v in (recorded or {}).items() if k not in ignore},
                               default=_jsonable))
     b = json.loads(json.dumps({k: v for k, v in (current or {}).items() if k not in ignore},
@@ -139,7 +148,7 @@ def config_differences(recorded: dict, current: dict, ignore=OPERATIONAL_KEYS) -
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y), key=str):
                 walk(x.get(k, _MISSING), y.get(k, _MISSING), f"{prefix}{k}.")
-        elif x != y:
+        elif x != y and not (x is _MISSING and ADDED_KEYS.get(prefix[:-1], _MISSING) == y):
             out.append(prefix[:-1])
 
     walk(a, b, "")

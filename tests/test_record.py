@@ -46,3 +46,20 @@ def test_environment_fields():
     assert versions["torch"] and versions["python"]
     hw = rec.hardware()
     assert hw["cpu_count"] and "gpu" in hw
+
+
+def test_keys_added_later_compare_equal_at_their_old_value():
+    """A record written before a config key existed matches a config holding the value that
+    key's absence meant (so an old finished sweep is skipped on rerun), and only that value."""
+    from ssdbench.record import config_differences
+
+    old = {"seed": 0, "trainer": {"max_steps": 5}, "optim": {"lr": 1.0}}
+    new = {"seed": 0, "trainer": {"max_steps": 5, "cuda_graph": "auto"}, "budget": None, "paper": None,
+           "optim": {"lr": 1.0, "schedule": "cosine", "min_lr_ratio": None}}
+    assert config_differences(old, new) == []
+    new["optim"]["schedule"] = "linear"
+    new["trainer"]["cuda_graph"] = False
+    assert config_differences(old, new) == ["optim.schedule", "trainer.cuda_graph"]
+    # the other way round (the record has the key, the config does not) is a real difference
+    assert set(config_differences(new, old)) == {"budget", "paper", "optim.min_lr_ratio", "optim.schedule",
+                                                 "trainer.cuda_graph"}
