@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call for the study engine (issue 23): the GPU tests of the graphed loop, 300-step
+# runs of every architecture through it, and `ssdbench bench study` (with Lightning's loop and 4
+# jobs sharing the GPU) for the results table. Logs and tables go to $OUT.
+#   bash scripts/engine_gpu.sh [BENCH ARGS...]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+bash scripts/device.sh tests tests/test_record.py > /dev/null 2>&1  # installs the wheels, links the packages
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 200 python3 -m pytest -q -rfE -n 3 -p no:cacheprovider -s tests/test_engine.py > "$OUT/tests_engine.log" 2>&1
+echo "engine tests: $(tail -1 "$OUT/tests_engine.log")"
+grep -E "relative loss differences|FAILED|Error" "$OUT/tests_engine.log" | head -8
+for m in mamba1 based; do
+  python3 -m ssdbench.cli run model=$m progress_bar=false results_dir=/tmp/res study=gpu trainer.max_steps=300 \
+    > "$OUT/run_$m.log" 2>&1
+  echo "$m rc=$? $(grep -E 'ssdbench run:' "$OUT/run_$m.log" | head -2)"
+  python3 -c "import json,glob; r=json.load(open(glob.glob('/tmp/res/gpu/*model=$m*/record.json')[0])); print(r['status'], r['cuda_graph'], r['metrics'].get('val/acc'), r['wall_time_s'])"
+done
+timeout 330 python3 -m ssdbench.cli bench study "$@" --out "$OUT" 2>&1 | tee "$OUT/bench_study.log" | tail -24
