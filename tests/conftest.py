@@ -1,8 +1,10 @@
 """Test set-up shared by the whole suite.
 
 Triton's interpreter must be chosen before any ``@triton.jit`` decorator runs, so it is set
-here, before test modules import the kernels. On a machine with a GPU the kernels compile
-for real and the same tests run on the device.
+here, before test modules import the kernels: on a machine without a GPU it is always on
+(TRITON_INTERPRET=1, whatever the environment says). On a machine with a GPU the kernels compile
+for real and the same tests run on the device. Tests marked ``triton`` (the kernel test modules)
+fail when they launched no Triton kernel.
 """
 import os
 
@@ -20,11 +22,65 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Forced, not defaulted: with TRITON_INTERPRET=0 (or anything but 1) in the environment the
+    # kernel modules take their PyTorch references on CPU tensors, and the kernel tests compared
+    # the reference against itself and passed. Before any kernel module is imported: @triton.jit
+    # reads it when it decorates.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # The device every kernel test runs on: the GPU when there is one, else the CPU interpreter.
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 ON_GPU = DEVICE == "cuda"
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402  (after TRITON_INTERPRET)
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# Kernel launches in this process: every launch, through an autotuner or not, ends in the run of
+# a JITFunction (compiled, on the GPU) or an InterpretedFunction (TRITON_INTERPRET=1); a warmup
+# compiles without launching. Tests marked ``triton`` must raise it (see pytest_runtest_call).
+TRITON_LAUNCHES = [0]
+
+
+def _count_launches(cls) -> None:
+    run = cls.run
+    if getattr(run, "_counts_launches", False):
+        return
+
+    def counted(self, *args, **kwargs):
+        if not kwargs.get("warmup", False):
+            TRITON_LAUNCHES[0] += 1
+        return run(self, *args, **kwargs)
+
+    counted._counts_launches = True
+    cls.run = counted
+
+
+for _cls in (JITFunction, InterpretedFunction):
+    _count_launches(_cls)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "triton: the test runs Triton kernels (GPU, or the CPU interpreter) and fails if "
+                   "none launched; kernel test modules set it for all their tests")
+    config.addinivalue_line(
+        "markers", "no_triton: in a module marked triton, a test that launches no kernel by design "
+                   "(the PyTorch reference, CPU dispatch, input checks)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test marked ``triton`` (and not ``no_triton``) fails when it launched no Triton kernel:
+    a kernel test that silently took the PyTorch reference would compare it with itself."""
+    if item.get_closest_marker("triton") is None or item.get_closest_marker("no_triton") is not None:
+        return (yield)
+    before = TRITON_LAUNCHES[0]
+    result = yield
+    if TRITON_LAUNCHES[0] == before:
+        pytest.fail(f"{item.nodeid} launched no Triton kernel (TRITON_INTERPRET="
+                    f"{os.environ.get('TRITON_INTERPRET')!r}, CUDA {HAS_CUDA}): the kernel path did "
+                    "not run; mark it no_triton if that is by design", pytrace=False)
+    return result
 
 
 @pytest.fixture

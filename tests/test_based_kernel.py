@@ -27,6 +27,9 @@ from ssdbench.kernels.based import (
     taylor_step,
 )
 
+# Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
+pytestmark = pytest.mark.triton
+
 F64 = torch.float64
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -122,6 +125,7 @@ def _compare(q, k, v, state, seq_idx, normalize, final, dtype, seed, tol=None, f
 # ----------------------------------------------------------------------------------------
 # references agree with each other (float64)
 # ----------------------------------------------------------------------------------------
+@pytest.mark.no_triton
 def test_feature_map_is_taylor_of_exp():
     seed = _seed()
     F = 16
@@ -132,12 +136,14 @@ def test_feature_map_is_taylor_of_exp():
     assert torch.allclose(dot, 1 + s + s * s / 2, rtol=1e-12, atol=1e-12), seed
 
 
+@pytest.mark.no_triton
 def test_state_size_formula():
     # Zoology's count: KV state (1+F+F^2) P per head plus the normaliser (1+F+F^2) per head
     assert based_state_size(16, 64, 1) == 273 * 64 + 273
     assert based_state_size(16, 64, 12) == 12 * 273 * 65
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("normalize", [True, False])
 def test_recurrent_equals_quadratic_and_chunked(normalize):
     seed = _seed()
@@ -154,6 +160,7 @@ def test_recurrent_equals_quadratic_and_chunked(normalize):
             assert e < 1e-10, f"seed={seed} {name} item {i}: {e:.2e}"
 
 
+@pytest.mark.no_triton
 def test_step_matches_prefix_state():
     """Decoding: the final state of a prefix plus taylor_step gives the next token's output."""
     seed = _seed()
@@ -297,6 +304,7 @@ def test_segments_half_inputs(monkeypatch):
     _compare(q, k, v, state, seq_idx, True, True, torch.bfloat16, seed)
 
 
+@pytest.mark.no_triton
 def test_forced_segments_plan(monkeypatch):
     """SEG = ceil(n_chunks / NS) chunks; the effective NS leaves no segment empty."""
     monkeypatch.setattr(mod, "_FORCE_BLOCKS", (16, 16))
@@ -310,6 +318,7 @@ def test_forced_segments_plan(monkeypatch):
     assert mod._plan(16, 24, 4, 1000, dev).NS == 1  # no segments unless forced (or on a GPU)
 
 
+@pytest.mark.no_triton
 def test_segment_rule_h100():
     """The CUDA rule at 132 SMs: the benchmark's 65,536-token batches (H 16, P 64) get 512
     programs of BV = 64 from L = 2K up; short rows with few heads shrink BV as before."""
@@ -342,6 +351,7 @@ def test_segments_gpu_default_rule(normalize, monkeypatch):
     _compare(q, k, v, state, seq_idx, normalize, True, dtype, f"{seed} {plan}", ref=taylor_linear_attention_ref)
 
 
+@pytest.mark.no_triton
 def test_float64_inputs_use_the_torch_path():
     """float64 goes to the chunked PyTorch path (the model's CPU path): all options, autograd."""
     seed = _seed()
@@ -359,6 +369,7 @@ def _bad(**over):
     return args
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("over,name", [
     (dict(q=torch.randn(1, 8, 2, 33), k=torch.randn(1, 8, 2, 33)), "q"),
     (dict(q=torch.randn(8, 2, 16)), "q"),

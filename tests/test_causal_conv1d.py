@@ -14,7 +14,8 @@ L_TEST = 300 if ON_GPU else 45
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-pytestmark = pytest.mark.usefixtures("random_seed")
+# Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
+pytestmark = [pytest.mark.usefixtures("random_seed"), pytest.mark.triton]
 
 
 poison = poison_fixture(cc, "empty_like")  # launcher outputs start as NaN
@@ -75,6 +76,7 @@ def test_conv_realistic_gpu(dtype):
     check(4, 1536, 2048, 4, "silu", True, dtype=dtype, channel_last=True)
 
 
+@pytest.mark.no_triton
 def test_reference_matches_conv1d_module():
     # The reference is nn.Conv1d(groups=D, padding=W-1) truncated to the first L outputs.
     dim, W, L = 6, 4, 11
@@ -97,7 +99,8 @@ def test_seq_idx_equals_separate_sequences():
         assert rel_err(y, parts) < 1e-5, impl
 
 
-@pytest.mark.parametrize("impl,pad", [("torch", 0), ("triton", 0), ("triton", 1)])
+@pytest.mark.parametrize("impl,pad", [pytest.param("torch", 0, marks=pytest.mark.no_triton),
+                                      ("triton", 0), ("triton", 1)])
 @pytest.mark.parametrize("use_seq", [False, True])
 def test_channel_last_entry(impl, pad, use_seq, poison):
     # channel_last=True takes and returns (batch, L, D): a slice of a wider projection output,
@@ -128,6 +131,7 @@ def test_channel_last_entry(impl, pad, use_seq, poison):
         causal_conv1d(x[0], w, b, channel_last=True, impl=impl)
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("state_width", ["W-1", "W"])
 @pytest.mark.parametrize("W", [2, 4])
 def test_update_matches_full_conv(W, state_width):
@@ -145,6 +149,7 @@ def test_update_matches_full_conv(W, state_width):
     assert torch.equal(state, x[..., L - width:])
 
 
+@pytest.mark.no_triton
 def test_auto_dispatch_on_cpu_is_torch():
     if ON_GPU:
         pytest.skip("auto picks AUTO_IMPL on CUDA")
@@ -152,6 +157,7 @@ def test_auto_dispatch_on_cpu_is_torch():
     assert torch.equal(causal_conv1d(x, w, impl="auto"), causal_conv1d_ref(x, w))
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("fn", [causal_conv1d, causal_conv1d_ref])
 def test_bad_inputs(fn):
     x, w = torch.randn(2, 4, 8, device=DEVICE), torch.randn(4, 3, device=DEVICE)

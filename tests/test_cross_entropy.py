@@ -16,7 +16,8 @@ from ssdbench.models.lm import LanguageModel
 # Interpreter blocks are 32 columns: every V below spans several blocks and most end inside one.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
-pytestmark = pytest.mark.usefixtures("random_seed")
+# Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
+pytestmark = [pytest.mark.usefixtures("random_seed"), pytest.mark.triton]
 
 
 poison = poison_fixture(ce)  # launcher outputs start as NaN
@@ -208,6 +209,7 @@ def test_model_head(autocast, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.no_triton
 def test_fallbacks(monkeypatch):
     x, weight, labels = make_inputs(5, 8, 40, 48, ignored=0.3)
     labels[0] = 1
@@ -226,6 +228,7 @@ def test_fallbacks(monkeypatch):
     assert not ce.model_head_applies(xc)  # the interpreter must not slow CPU training down
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("fn", [linear_cross_entropy, linear_cross_entropy_ref])
 def test_bad_inputs(fn):
     x, w, labels = make_inputs(4, 8, 10, 16)

@@ -14,7 +14,8 @@ from ssdbench.models.layers import GatedRMSNorm
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-pytestmark = pytest.mark.usefixtures("random_seed")
+# Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
+pytestmark = [pytest.mark.usefixtures("random_seed"), pytest.mark.triton]
 
 
 poison = poison_fixture(gr)  # launcher outputs start as NaN
@@ -93,6 +94,7 @@ def test_model_layer_wiring():
     assert rel_err(layer(x, z).detach(), ref) < 1e-5
 
 
+@pytest.mark.no_triton
 def test_no_rows():
     x = torch.randn(0, 48, device=DEVICE, requires_grad=True)
     z = torch.randn(0, 48, device=DEVICE, requires_grad=True)
@@ -103,6 +105,7 @@ def test_no_rows():
     assert gx.shape == (0, 48) and gz.shape == (0, 48) and torch.equal(gw, torch.zeros_like(w))
 
 
+@pytest.mark.no_triton
 def test_fallbacks(monkeypatch):
     x, z = torch.randn(2, 3, 40, dtype=torch.float64, device=DEVICE)
     w = torch.randn(40, dtype=torch.float64, device=DEVICE)
@@ -117,6 +120,7 @@ def test_fallbacks(monkeypatch):
     assert torch.equal(gated_rms_norm(xc, zc, wc), gated_rms_norm_ref(xc, zc, wc))
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("fn", [gated_rms_norm, gated_rms_norm_ref])
 def test_bad_inputs(fn):
     x, z, w = torch.randn(2, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE)

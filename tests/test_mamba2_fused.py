@@ -14,6 +14,8 @@ from ssdbench.models.mamba2 import Mamba2Mixer
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 
 pytestmark = pytest.mark.usefixtures("random_seed")
+# Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
+pytestmark = [pytestmark, pytest.mark.triton]
 
 
 poison = poison_fixture(mamba2_fused, "empty_like")  # launcher outputs start as NaN
@@ -70,6 +72,7 @@ def test_fused_bf16_gpu(hs):
     check(hs, ngroups=1, L=600, seq=True, dtype=torch.bfloat16, d_model=768, headdim=64, d_state=128, chunk=256)
 
 
+@pytest.mark.no_triton
 def test_bad_inputs():
     dims = Dims(32, 2, 16, 1, 1, 8, 2)  # conv_dim 48, proj width 32 + 48 + 2 = 82
     proj = torch.randn(1, 5, 82, device=DEVICE)

@@ -15,6 +15,9 @@ from ssdbench.kernels import selective_scan as ss
 from ssdbench.kernels.selective_scan import (selective_scan, selective_scan_ref,
                                              selective_state_update)
 
+# Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
+pytestmark = pytest.mark.triton
+
 LENGTHS = (1, 64, 150, 333) if ON_GPU else (1, 16, 37)
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -180,6 +183,7 @@ def test_seq_idx_equals_separate_sequences():
     assert rel_err(y, torch.cat(parts, -1)) < 1e-5
 
 
+@pytest.mark.no_triton
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     inputs = [t.cpu() if t is not None else None for t in make_inputs(1, 3, 7, 2)]
@@ -188,6 +192,7 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     assert torch.equal(y, yr)
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("grouped", [False, True])
 def test_state_update_matches_scan(grouped):
     batch, dim, L, N = 2, 6, 9, 8
@@ -203,6 +208,7 @@ def test_state_update_matches_scan(grouped):
     assert rel_err(state, last_ref) < 1e-12
 
 
+@pytest.mark.no_triton
 def test_state_update_fp32_state_bf16_inputs():
     batch, dim, N = 2, 4, 16
     state = torch.randn(batch, dim, N, device=DEVICE)
@@ -233,6 +239,7 @@ def _bad_cases():
     return cases
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("fn", [selective_scan, selective_scan_ref])
 @pytest.mark.parametrize("case", range(12))
 def test_bad_inputs(fn, case):

@@ -13,6 +13,9 @@ from conftest import DEVICE, ON_GPU, rel_err
 from ssdbench.kernels import ssd_triton
 from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_sequential_ref, ssd_step
 
+# Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
+pytestmark = pytest.mark.triton
+
 
 # head structures (Mamba-2 §7): name -> (Hx, Gb, Gc) as functions of H
 STRUCTS = {
@@ -189,6 +192,7 @@ def test_non_contiguous_inputs():
 # ---------------------------------------------------------------------------------------
 # the PyTorch references and the decoding step
 # ---------------------------------------------------------------------------------------
+@pytest.mark.no_triton
 @pytest.mark.parametrize("struct", ["mva", "mqa", "gva"])
 def test_chunked_reference(struct):
     seed = fresh_seed()
@@ -196,6 +200,7 @@ def test_chunked_reference(struct):
     compare(ssd_chunked_ref, t, seq, 8, 1e-10, 1e-10, seed, limit=(0.05, 2.0))
 
 
+@pytest.mark.no_triton
 def test_cpu_dispatch_uses_reference(monkeypatch):
     """Without CUDA and without the interpreter ssd_chunked is the chunked reference."""
     seed = fresh_seed()
@@ -208,6 +213,7 @@ def test_cpu_dispatch_uses_reference(monkeypatch):
     assert torch.equal(y, yr), f"seed={seed}"
 
 
+@pytest.mark.no_triton
 def test_step_matches_scan():
     seed = fresh_seed()
     t, _ = make_inputs(2, 12, 4, 8, 8, struct="gva", D="hp", seq=False, dtype=torch.float64, device="cpu")
@@ -232,6 +238,7 @@ def _good():
                 z=t["z"], dt_bias=t["dt_bias"], initial_states=t["initial_states"], seq_idx=seq)
 
 
+@pytest.mark.no_triton
 @pytest.mark.parametrize("name,change", [
     ("x", lambda a: a["x"][:, :, :, :, None]),
     ("dt", lambda a: a["dt"][:, :5]),
@@ -258,6 +265,7 @@ def test_bad_input(name, change):
             fn(**args)
 
 
+@pytest.mark.no_triton
 def test_prune_tiles():
     """The autotuner's pruning (GPU only, so checked here directly): time tiles within the
     chunk, state tiles within padded N, register caps only at head-dim tiles of at most 64."""
