@@ -12,7 +12,7 @@ timeout 200 python3 -m pytest -q -rfE -n 3 -p no:cacheprovider -s tests/test_eng
 echo "engine tests: $(tail -1 "$OUT/tests_engine.log")"
 grep -E "relative loss differences|FAILED|Error" "$OUT/tests_engine.log" | head -8
 for m in mamba1 based; do
-  python3 -m ssdbench.cli run model=$m progress_bar=false results_dir=/tmp/res study=gpu trainer.max_steps=300 \
+  python3 -m ssdbench.cli run model=$m progress_bar=false results_dir=/tmp/res study=gpu trainer.max_steps=200 \
     > "$OUT/run_$m.log" 2>&1
   echo "$m rc=$? $(grep -E 'ssdbench run:' "$OUT/run_$m.log" | head -2)"
   python3 -c "import json,glob; r=json.load(open(glob.glob('/tmp/res/gpu/*model=$m*/record.json')[0])); print(r['status'], r['cuda_graph'], r['metrics'].get('val/acc'), r['wall_time_s'])"
