@@ -112,6 +112,15 @@ def compare(fn, t, seq_idx, chunk, tol_y, tol_g, seed, softplus=True, limit=(0.0
     wide = 20 if t["x"].dtype in (torch.float32, torch.float64) else 5
     tol = {k: (tol_y if k in ("y", "final") else tol_g * (wide if k in ("dA", "ddt_bias", "dD") else 1)) for k in errs}
     bad = {k: e for k, e in errs.items() if not e <= tol[k]}
+    if bad and set(bad) <= {"dA", "ddt_bias", "dD"} and ref_fn is ssd_sequential_ref:
+        # On rare inputs these sums cancel to a small fraction of their terms, and the chunked
+        # algorithm itself loses digits (seed 1892252500 of test_lengths_and_chunks[130-128]:
+        # dA off by 8e-3 in the kernel, 1.6e-3 in PyTorch's chunked float32 reference, 3e-12
+        # with the kernel in float64). Then the yardstick is that reference's own error.
+        _, _, gc, _ = run_and_grads(ssd_chunked_ref, t, seq_idx, chunk, softplus, limit, final, go)
+        floor = {k: 10 * rel_err(gc[k[1:]], gr[k[1:]]) for k in bad}
+        bad = {k: e for k, e in bad.items() if not e <= floor[k]}
+        errs.update({f"{k} (10x chunked fp32 ref)": v for k, v in floor.items()})
     assert not bad, f"seed={seed} errors={errs}"
 
 
