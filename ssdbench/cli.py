@@ -74,6 +74,14 @@ def _run(argv: list[str]) -> int:
     if error:
         print(error, file=sys.stderr)
         return 2
+    from ssdbench import preflight
+    from ssdbench.errors import ConfigError
+
+    try:
+        argv = preflight.check(argv)  # before the heavy imports: a typo costs a second, not seven
+    except ConfigError as e:
+        print(f"ssdbench run: invalid config: {e}", file=sys.stderr)
+        return 2
     from ssdbench import train
 
     train.ENTRY_ARGV0 = sys.argv[0]  # DDP re-runs this command for its extra processes

@@ -1,0 +1,165 @@
+"""Checks of `ssdbench run`'s overrides before anything heavy is imported.
+
+Hydra reports a bad override with a multi-line message (or, for a wrong type, not at all: the
+run starts and fails deep inside a constructor), and `ssdbench run` used to import Lightning and
+the kernels (5-7 s) before it got that far. Here the overrides are checked against the composed
+config with Hydra's compose API alone, in well under the 2 s a user should wait for a typo:
+
+* a key the config does not have: one line naming the nearest keys it does have;
+* a key the config does not list but the component's constructor takes (``task.seq_len`` of
+  the MQAR data module): accepted, by rewriting the override to Hydra's ``+key=value``;
+* ``+key=value`` at the top level, which nothing reads: one line;
+* a value whose type differs from the config's (``optim.lr=abc``, ``seed=1.5``): one line.
+
+Only the component of a rewritten key is imported (to read its constructor's arguments).
+"""
+from __future__ import annotations
+
+import difflib
+
+from ssdbench.errors import ConfigError
+
+GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads", "hydra/launcher")
+FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc")
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    out = []
+    for k in node.keys():
+        key = f"{prefix}{k}"
+        out.append(key)
+        v = node._get_node(k)
+        if isinstance(v, DictConfig) and not v._is_missing() and not v._is_none():
+            out += _dotted_keys(v, key + ".")
+    return out
+
+
+def _nearest(key: str, keys: list[str]) -> str:
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    if not close:  # the same last part elsewhere (seq_len -> task.seq_len)
+        tail = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == tail][:3]
+    if close:
+        return f" (nearest: {', '.join(close)})"
+    parent = key.rpartition(".")[0]
+    level = [k for k in keys if k.rpartition(".")[0] == parent]
+    return f" (keys here: {', '.join(level)})" if level else ""
+
+
+def _constructor_args(target: str) -> set[str] | None:
+    """The keyword arguments of a config node's _target_, read from its module's source (no
+    import: the task modules pull in Lightning, the models torch and Triton). None when they
+    cannot be told this way (**kwargs, no __init__ of its own, not found): then anything goes,
+    and the run's own check (train._check_fields) has the last word."""
+    import ast
+    import importlib.util
+
+    module, _, name = target.rpartition(".")
+    try:
+        spec = importlib.util.find_spec(module)
+        tree = ast.parse(open(spec.origin).read())
+    except Exception:  # noqa: BLE001
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            init = next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+            if init is None or init.args.kwarg is not None:
+                return None
+            return {a.arg for a in init.args.args + init.args.kwonlyargs} - {"self"}
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return None if node.args.kwarg else {a.arg for a in node.args.args + node.args.kwonlyargs}
+    return None
+
+
+# keys whose consumer parses a string on its own: budget=1/8 (ssdbench/budget.py)
+TAKES_STRINGS = {"budget"}
+
+
+def _type_error(key: str, old, new) -> str | None:
+    """Why ``new`` cannot replace the config's ``old`` value (None when it can)."""
+    if old is None or new is None or isinstance(old, str) or key in TAKES_STRINGS:
+        return None
+    values = new if isinstance(new, list) and not isinstance(old, list) else [new]
+    for v in values:
+        if isinstance(old, bool):
+            ok = isinstance(v, bool)
+            want = "true or false"
+        elif isinstance(old, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+            want = "an integer"
+        elif isinstance(old, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            want = "a number"
+        else:
+            return None
+        if not ok and not (isinstance(v, str) and v.startswith("${")):
+            return f"{key}: must be {want}, got {v!r}"
+    return None
+
+
+def check(argv: list[str]) -> list[str]:
+    """The overrides of ``ssdbench run ARGV``, with constructor arguments that the config does
+    not list rewritten to ``+key=value``; raises ConfigError (one line) for a bad override."""
+    if any(a in FLAGS_WITHOUT_RUN for a in argv):
+        return argv
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    items = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(items)
+    except Exception:  # noqa: BLE001 - malformed syntax: Hydra's own message names the token
+        return argv
+    groups, values = [], []
+    for text, o in zip(items, parsed):
+        (groups if o.key_or_group.lstrip("+~") in GROUPS or "/" in o.key_or_group else values).append((text, o))
+
+    def first(o) -> str:  # a sweep's first value stands for all (sweeps are checked per job)
+        return next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("ssdbench.conf", version_base="1.3"):
+            base = compose("config", overrides=[f"{o.key_or_group}={first(o)}" for _, o in groups
+                                                if not o.is_delete()])
+    except Exception:  # noqa: BLE001 - a composition error is Hydra's to report, as before
+        return argv
+    finally:
+        GlobalHydra.instance().clear()
+    from omegaconf import OmegaConf
+
+    def select(key: str, default=None):
+        return OmegaConf.select(base, key, default=default, throw_on_resolution_failure=False)
+
+    keys = [k for k in _dotted_keys(base) if not k.startswith("hydra")]
+    rewritten: dict[str, str] = {}
+    for text, o in values:
+        bare = o.key_or_group.lstrip("+~")
+        added = o.is_add() or o.is_force_add()
+        if bare.startswith("hydra.") or o.is_delete():
+            continue
+        if select(bare, default="__absent__") != "__absent__":
+            if not added:
+                old = select(bare)
+                new = [v for v in o.sweep_iterator()] if o.is_sweep_override() else [o.value()]
+                for v in new:
+                    err = _type_error(bare, old, v)
+                    if err:
+                        raise ConfigError(bare, err.split(": ", 1)[1])
+            continue
+        parent, _, leaf = bare.rpartition(".")
+        node = select(parent) if parent else None
+        target = node.get("_target_") if node is not None and OmegaConf.is_dict(node) else None
+        args = _constructor_args(target) if target else None
+        if target and (args is None or leaf in args):
+            if not added:  # an argument of the component that its config does not list
+                rewritten[text] = "+" + text
+            continue
+        if target:
+            raise ConfigError(bare, f"is not an option of {target}{_nearest(bare, keys)}")
+        raise ConfigError(bare, f"is not a config key{' (+ adds it, but nothing reads it)' if added else ''}"
+                                f"{_nearest(bare, keys)}")
+    return [rewritten.get(a, a) for a in argv]
