@@ -447,8 +447,8 @@ class _Progress:
         self.p.start()
         self.task = self.p.add_task("train", total=total, completed=start, info="")
 
-    def update(self, step: int, loss: float, tok_s: float):
-        self.p.update(self.task, completed=step, info=f"loss {loss:.4f}  {tok_s:,.0f} tok/s")
+    def update(self, step: int, loss: float, tok_s: float, extra: str = ""):
+        self.p.update(self.task, completed=step, info=f"loss {loss:.4f}  {tok_s:,.0f} tok/s{extra}")
 
     def close(self):
         self.p.stop()

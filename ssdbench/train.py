@@ -34,7 +34,7 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -227,6 +227,41 @@ class RecordCallback(Callback):
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         return rec.write_record(self.run_dir, r)
+
+
+class StepProgress(Callback):
+    """One line for Lightning's loop, as the graphed loop shows it: step / max steps, the loss,
+    tokens/s and the last val/acc, refreshed every log_every_n_steps steps (Lightning's own
+    bar counted batches per epoch: "Epoch 2/-2 ... v_num: 0.000" with max_epochs=-1)."""
+
+    def __init__(self):
+        self.bar, self.val = None, None
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.bar = engine._Progress(trainer.max_steps, trainer.global_step)
+            self.t, self.tokens = time.perf_counter(), pl_module.tokens_seen
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = trainer.global_step
+        if self.bar is None or (n % max(1, trainer.log_every_n_steps) and n != trainer.max_steps):
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        now = time.perf_counter()
+        rate = (pl_module.tokens_seen - self.tokens) * trainer.world_size / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, pl_module.tokens_seen
+        self.bar.update(n, float(loss), rate, "" if self.val is None else f"  val/acc {self.val:.3f}")
+
+    def on_validation_end(self, trainer, pl_module):
+        acc = trainer.callback_metrics.get("val/acc")
+        self.val = None if acc is None else float(acc)
+
+    def _close(self, *args):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_train_end = on_exception = _close
 
 
 def build(node: DictConfig, **kwargs):
@@ -480,7 +515,7 @@ def train(cfg: DictConfig, previous: dict | None = None, fresh: bool = False) ->
         record_cb,
     ]
     if cfg.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(StepProgress())
     # One CSV per attempt (logs/version_<k>/metrics.csv): a resumed run appends a new version
     # instead of overwriting the metrics of the attempt it continues.
     loggers = [CSVLogger(save_dir=str(run_dir), name="logs")]
@@ -495,7 +530,7 @@ def train(cfg: DictConfig, previous: dict | None = None, fresh: bool = False) ->
     if graph_choice is True and not torch.cuda.is_available():
         engine.decide(True, None, cfg)  # the one-line error, before anything is built
     trainer = build(trainer_node, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
-                    enable_progress_bar=bool(cfg.progress_bar), use_distributed_sampler=False,
+                    enable_progress_bar=False, use_distributed_sampler=False,
                     **_trainer_overrides(cfg))
     use_graphs, why = engine.decide(graph_choice, trainer, cfg)
     if not use_graphs and torch.cuda.is_available() and graph_choice is not False:
