@@ -137,6 +137,21 @@ def taylor_step(q_t, k_t, v_t, state=None, eps: float = 1e-6, normalize: bool = 
     None (zero state). The state is updated with (k_t, v_t) first, then read with q_t, so
     token t sees itself (causal, s <= t). Returns (y_t (batch, H, P), (S, z)).
     """
+    if q_t.dim() != 3:
+        raise ValueError(f"q_t must be (batch, H, F), got shape {tuple(q_t.shape)}")
+    if k_t.shape != q_t.shape:
+        raise ValueError(f"k_t must have q_t's shape {tuple(q_t.shape)}, got {tuple(k_t.shape)}")
+    if v_t.dim() != 3 or v_t.shape[:2] != q_t.shape[:2]:
+        raise ValueError(f"v_t must be (batch, H, P) = ({q_t.shape[0]}, {q_t.shape[1]}, P), got {tuple(v_t.shape)}")
+    if state is not None:
+        batch, H, F = q_t.shape
+        D, P = feature_count(F), v_t.shape[2]
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError("state must be a tuple (S, z) or None")
+        if tuple(state[0].shape) != (batch, H, D, P):
+            raise ValueError(f"state S must be {(batch, H, D, P)}, got {tuple(state[0].shape)}")
+        if tuple(state[1].shape) != (batch, H, D):
+            raise ValueError(f"state z must be {(batch, H, D)}, got {tuple(state[1].shape)}")
     pk = taylor_feature_map(k_t)  # (batch, H, D)
     pq = taylor_feature_map(q_t)  # (batch, H, D)
     if state is None:
@@ -186,6 +201,8 @@ def _check_args(q, k, v, initial_state, seq_idx, max_feature_dim=MAX_FEATURE_DIM
             raise ValueError(f"seq_idx must be (batch, L) = {(batch, L)}, got {tuple(seq_idx.shape)}")
         if seq_idx.dtype.is_floating_point:
             raise ValueError(f"seq_idx must be an integer tensor, got {seq_idx.dtype}")
+        if L > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+            raise ValueError("seq_idx must be non-decreasing along each row")
 
 
 def _cdt(x):

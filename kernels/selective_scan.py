@@ -508,6 +508,8 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx):
             raise ValueError("seq_idx: expected an int32 tensor of shape (batch, L)")
         if tuple(seq_idx.shape) != (batch, L):
             raise ValueError(f"seq_idx: expected shape ({batch}, {L}), got {tuple(seq_idx.shape)}")
+        if L > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+            raise ValueError("seq_idx: must be non-decreasing along each row")
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
                     ("delta_bias", delta_bias), ("seq_idx", seq_idx)):
         if t is not None and t.device != u.device:

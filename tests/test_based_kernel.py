@@ -383,3 +383,35 @@ def test_bad_input(over, name):
     args = _bad(**{kk: (vv.to(DEVICE) if torch.is_tensor(vv) else vv) for kk, vv in over.items()})
     with pytest.raises(ValueError, match=name):
         taylor_linear_attention(**args)
+
+
+@pytest.mark.no_triton
+@pytest.mark.parametrize("fn", [taylor_linear_attention, taylor_linear_attention_ref,
+                                taylor_linear_attention_recurrent, taylor_linear_attention_chunked_torch])
+def test_decreasing_seq_idx_is_rejected(fn):
+    """seq_idx must be non-decreasing along each row: checked on the host before any launch."""
+    q, k, v = torch.randn(2, 6, 2, 4), torch.randn(2, 6, 2, 4), torch.randn(2, 6, 2, 3)
+    seq = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 1, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^seq_idx must be non-decreasing"):
+        fn(q, k, v, seq_idx=seq)
+
+
+@pytest.mark.no_triton
+@pytest.mark.parametrize("bad", ["q_t", "k_t", "v_t", "state S", "state z"])
+def test_taylor_step_rejects_wrong_shapes(bad):
+    batch, H, F, P = 2, 2, 4, 3
+    D = feature_count(F)
+    args = dict(q_t=torch.randn(batch, H, F), k_t=torch.randn(batch, H, F), v_t=torch.randn(batch, H, P),
+                state=(torch.zeros(batch, H, D, P), torch.zeros(batch, H, D)))
+    if bad == "q_t":
+        args["q_t"] = torch.randn(batch, H, 1, F)
+    elif bad == "k_t":
+        args["k_t"] = torch.randn(batch, H, F + 1)
+    elif bad == "v_t":
+        args["v_t"] = torch.randn(batch, H + 1, P)
+    elif bad == "state S":
+        args["state"] = (torch.zeros(batch, H, D, P + 1), args["state"][1])
+    else:
+        args["state"] = (args["state"][0], torch.zeros(batch, H, D - 1))
+    with pytest.raises(ValueError, match=rf"^{bad} must"):
+        taylor_step(**args)

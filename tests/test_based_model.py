@@ -15,6 +15,18 @@ from ssdbench.models.based import Based, layer_kinds, window_mask
 V = 53
 
 
+def fresh_seed():
+    """A new seed for torch (weights, tokens) and for a random.Random of its own (sizes), returned
+    so that every failure message can name it and the draw can be replayed."""
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    return seed, random.Random(seed)
+
+
+def with_seed(seed):
+    return lambda msg: f"seed={seed}: {msg}"
+
+
 def decode(model, x):
     """Logits from LanguageModel.step, token by token: (batch, L, V)."""
     state = model.allocate_state(x.shape[0], dtype=torch.float64)
@@ -31,16 +43,17 @@ def decode(model, x):
 ])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_step_equals_forward(pattern, normalize):
+    seed, rng = fresh_seed()
     n_layers = 5 if pattern == "lm" else (len(pattern) if isinstance(pattern, list) else 2)
-    window = random.randint(2, 6)
-    L = window * 2 + random.randint(1, 7)  # decoding runs well past the window
+    window = rng.randint(2, 6)
+    L = window * 2 + rng.randint(1, 7)  # decoding runs well past the window
     model = Based(V, d_model=16, n_layers=n_layers, n_heads=2, feature_dim=4, window=window,
-                  layer_pattern=pattern, normalize=normalize, mlp=random.random() < 0.5).double().eval()
+                  layer_pattern=pattern, normalize=normalize, mlp=rng.random() < 0.5).double().eval()
     x = torch.randint(0, V, (2, L))
     with torch.no_grad():
         full = model(x)
         stepped = decode(model, x)
-    torch.testing.assert_close(stepped, full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(stepped, full, rtol=1e-9, atol=1e-9, msg=with_seed(seed))
 
 
 def window_only(window):
@@ -49,19 +62,20 @@ def window_only(window):
 
 def test_window_never_reaches_further_back():
     """Changing token p moves the outputs at p .. p+window-1 and no later one."""
-    window = random.randint(2, 8)
+    seed, rng = fresh_seed()
+    window = rng.randint(2, 8)
     model = window_only(window)
     L = 3 * window + 5
-    p = random.randrange(0, L - window - 1)
+    p = rng.randrange(0, L - window - 1)
     x = torch.randint(0, V, (2, L))
     x2 = x.clone()
     x2[:, p] = (x[:, p] + 1 + torch.randint(0, V - 1, (2,))) % V
     with torch.no_grad():
         y, y2 = model(x), model(x2)
-    torch.testing.assert_close(y[:, :p], y2[:, :p])
-    torch.testing.assert_close(y[:, p + window:], y2[:, p + window:])
+    torch.testing.assert_close(y[:, :p], y2[:, :p], msg=with_seed(seed))
+    torch.testing.assert_close(y[:, p + window:], y2[:, p + window:], msg=with_seed(seed))
     diff = (y - y2).abs().amax(dim=(0, 2))  # (L,)
-    assert (diff[p:p + window] > 1e-8).all()  # every position inside the window sees the change
+    assert (diff[p:p + window] > 1e-8).all(), f"seed={seed}"  # every position inside the window sees the change
 
 
 def test_window_mask_band_and_documents():
@@ -76,15 +90,16 @@ def test_window_mask_band_and_documents():
 
 
 def test_window_isolates_documents():
-    window = random.randint(3, 8)
+    seed, rng = fresh_seed()
+    window = rng.randint(3, 8)
     model = window_only(window)
-    lengths = [random.randint(2, 2 * window) for _ in range(3)]
+    lengths = [rng.randint(2, 2 * window) for _ in range(3)]
     docs = [torch.randint(0, V, (1, n)) for n in lengths]
     seq_idx = torch.cat([torch.full((1, n), i, dtype=torch.int32) for i, n in enumerate(lengths)], dim=1)
     with torch.no_grad():
         packed = model(torch.cat(docs, dim=1), seq_idx=seq_idx)
         alone = torch.cat([model(d) for d in docs], dim=1)
-    torch.testing.assert_close(packed, alone)
+    torch.testing.assert_close(packed, alone, msg=with_seed(seed))
 
 
 def test_param_and_state_accounting():

@@ -178,3 +178,23 @@ def test_bad_inputs(fn):
     if fn is causal_conv1d:
         with pytest.raises(ValueError, match="^impl:"):
             fn(x, w, impl="cuda")
+
+
+@pytest.mark.no_triton
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_decreasing_seq_idx_is_rejected(impl):
+    """seq_idx must be non-decreasing along each row: checked on the host before any launch."""
+    x, w = torch.randn(2, 4, 6), torch.randn(4, 3)
+    seq = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 1, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^seq_idx: must be non-decreasing"):
+        causal_conv1d(x, w, seq_idx=seq, impl=impl)
+
+
+@pytest.mark.no_triton
+@pytest.mark.parametrize("bad", ["x", "weight", "conv_state"])
+def test_update_rejects_wrong_shapes(bad):
+    args = dict(x=torch.randn(2, 4), conv_state=torch.zeros(2, 4, 2), weight=torch.randn(4, 3))
+    args[bad] = {"x": torch.randn(2, 4, 1), "weight": torch.randn(5, 3),
+                 "conv_state": torch.zeros(2, 4, 5)}[bad]
+    with pytest.raises(ValueError, match=rf"^{bad}:"):
+        causal_conv1d_update(**args)

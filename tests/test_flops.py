@@ -113,3 +113,22 @@ def test_hand_count_mamba2():
     assert m.flops_per_token(8) == head + in_proj + out_proj + conv + cb + 2 * per_head == 1824
     # L = 2 < chunk: Q = 2, so C B^T 2*2*4 and per head 2*2*8 + 128 + 2*4*8/2
     assert m.flops_per_token(2) == head + in_proj + out_proj + conv + 16 + 2 * (32 + 128 + 32) == 1776
+
+
+def test_hand_count_based():
+    # d_model 8, H 2 heads -> P 4, feature dim F 2, window 4, BaseConv expand 2 (d_inner 16) and
+    # kernel 3, no MLP, vocabulary 16 (a multiple of 8: no padding)
+    m = Based(vocab_size=16, d_model=8, n_layers=3, n_heads=2, feature_dim=2, window=4, conv_kernel=3,
+              conv_expand=2, layer_pattern=["linear_attn", "sliding_window", "base_conv"], mlp=False)
+    head = 2 * 8 * 16  # 256
+    # linear attention: projection to q, k (2 heads x F 2 each) and v (8): 2 * 8 * 16; out 2 * 8 * 8;
+    # Taylor features 1 + 2 + 2^2 = 7; update phi(k) [v, 1]^T and readout phi(q) [S, z]:
+    # 2 x 2 FLOPs x 7 x (P 4 + 1) x 2 heads = 280
+    linear = 2 * 8 * 16 + 2 * 8 * 8 + 2 * 2 * 7 * 5 * 2  # 256 + 128 + 280 = 664
+    # sliding window: q, k, v 2 * 8 * 24, out 2 * 8 * 8; scores and AV over 4 keys x 8 = 2 * 2 * 4 * 8
+    window = 2 * 8 * 24 + 2 * 8 * 8 + 2 * 2 * 4 * 8  # 384 + 128 + 128 = 640
+    # BaseConv: in_proj 8 -> 2 x 16, out_proj 16 -> 8, depthwise taps 2 * 16 channels * 3
+    conv = 2 * 8 * 32 + 2 * 16 * 8 + 2 * 16 * 3  # 512 + 256 + 96 = 864
+    assert m.flops_per_token(16) == head + linear + window + conv == 2424
+    # L = 2 < window: 2 keys a query, the window's sequence term 2 * 2 * 2 * 8 = 64 instead of 128
+    assert m.flops_per_token(2) == 2424 - 64 == 2360

@@ -21,6 +21,18 @@ def tiny(**kw):
     return Mamba1(V, **args)
 
 
+def fresh_seed():
+    """A new seed for torch (weights, inputs) and for a random.Random of its own (sizes), returned
+    so that every failure message can name it and the draw can be replayed."""
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    return seed, random.Random(seed)
+
+
+def with_seed(seed):
+    return lambda msg: f"seed={seed}: {msg}"
+
+
 def test_param_count_matches_mamba_130m():
     m = Mamba1(50280, d_model=768, n_layers=24, d_state=16, d_conv=4, expand=2)
     d, di, N, W = 768, 1536, 16, 4
@@ -45,16 +57,17 @@ def test_param_count_matches_mamba_130m():
 
 def test_step_equals_forward():
     """Decoding token by token (conv + SSM state, through LanguageModel.step) gives the forward's logits."""
-    m = tiny(d_conv=random.choice([2, 3, 4])).double().eval()
+    seed, rng = fresh_seed()
+    m = tiny(d_conv=rng.choice([2, 3, 4])).double().eval()
     with torch.no_grad():  # non-trivial D and conv bias so every term is exercised
         for layer in m.layers:
             layer.mixer.D.normal_()
             layer.mixer.conv1d.bias.normal_(std=0.5)
-    L = random.randint(5, 12)
+    L = rng.randint(5, 12)
     x = torch.randint(0, V, (2, L))
     with torch.no_grad():
         full = m(x)
-    torch.testing.assert_close(decode_logits(m, x), full)
+    torch.testing.assert_close(decode_logits(m, x), full, msg=with_seed(seed))
 
 
 def mixer_steps(mixer, u):
@@ -70,12 +83,13 @@ def mixer_steps(mixer, u):
 
 def test_mixer_step_equals_forward_random_input():
     """The same at the mixer level, on random (not embedded) inputs."""
+    seed, _ = fresh_seed()
     mixer = tiny().double().layers[0].mixer
     u = torch.randn(3, 7, 32, dtype=torch.float64)
     with torch.no_grad():
         full = mixer(u)
         stepped, state = mixer_steps(mixer, u)
-    torch.testing.assert_close(stepped, full)
+    torch.testing.assert_close(stepped, full, msg=with_seed(seed))
     assert state[0].shape == (3, 64, 3) and state[1].shape == (3, 64, 8)
 
 
@@ -122,14 +136,14 @@ def test_auto_equals_torch_on_cpu():
 def test_triton_equals_torch_forward_backward(selective):
     """The Triton kernels (interpreted on a CPU) give the reference's outputs and gradients
     (LTI: delta, B and C reach the kernels as stride-0 broadcast views)."""
-    torch.manual_seed(random.randrange(2**31))
+    seed, rng = fresh_seed()
     big = DEVICE == "cuda"
     kw = dict(d_model=64 if big else 16, n_layers=2, d_state=16 if big else 4, selective=selective)
     ref, tri = tiny(impl="torch", **kw).to(DEVICE), tiny(impl="triton", **kw).to(DEVICE)
     tri.load_state_dict(ref.state_dict())
     L = 300 if big else 11  # not a multiple of any block
     x = torch.randint(0, V, (2, L), device=DEVICE)
-    cut = random.randint(2, L - 2)
+    cut = rng.randint(2, L - 2)
     seq_idx = torch.cat([torch.zeros(2, cut), torch.ones(2, L - cut)], 1).to(torch.int32).to(DEVICE)
     outs, grads = [], []
     for m in (ref, tri):
@@ -183,19 +197,20 @@ def _randomize_lti(m):
 
 def test_lti_step_equals_forward():
     """selective=False: stepping the mixer (and the whole model) token by token gives the forward."""
-    m = _randomize_lti(tiny(selective=False, d_conv=random.choice([2, 3, 4]))).double().eval()
+    seed, rng = fresh_seed()
+    m = _randomize_lti(tiny(selective=False, d_conv=rng.choice([2, 3, 4]))).double().eval()
     mixer = m.layers[0].mixer
     u = torch.randn(3, 9, 32, dtype=torch.float64)
     seq_idx = torch.zeros(3, 9, dtype=torch.int32)
     with torch.no_grad():
         full = mixer(u)
-        torch.testing.assert_close(mixer(u, seq_idx=seq_idx), full)
+        torch.testing.assert_close(mixer(u, seq_idx=seq_idx), full, msg=with_seed(seed))
         stepped, state = mixer_steps(mixer, u)
-    torch.testing.assert_close(stepped, full)
+    torch.testing.assert_close(stepped, full, msg=with_seed(seed))
     assert state[0].shape == (3, 64, m.layers[0].mixer.d_conv - 1) and state[1].shape == (3, 64, 8)
-    x = torch.randint(0, V, (2, random.randint(5, 12)))
+    x = torch.randint(0, V, (2, rng.randint(5, 12)))
     with torch.no_grad():
-        torch.testing.assert_close(decode_logits(m, x), m(x))
+        torch.testing.assert_close(decode_logits(m, x), m(x), msg=with_seed(seed))
 
 
 def test_lti_parameters_are_input_independent_and_trained():

@@ -24,40 +24,55 @@ TINY = {
 }
 
 
+def fresh_seed():
+    """A new seed for torch (weights, tokens) and for a random.Random of its own (sizes), returned
+    so that every failure message can name it and the draw can be replayed."""
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    return seed, random.Random(seed)
+
+
+def with_seed(seed):
+    return lambda msg: f"seed={seed}: {msg}"
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_causal(name):
     """The output at t must not change when inputs after t change."""
+    seed, rng = fresh_seed()
     model = TINY[name]().double().eval()
-    L = random.randint(8, 40)
-    t = random.randrange(1, L - 1)
+    L = rng.randint(8, 40)
+    t = rng.randrange(1, L - 1)
     x = torch.randint(0, V, (2, L))
     x2 = x.clone()
     x2[:, t + 1:] = torch.randint(0, V, (2, L - t - 1))
     with torch.no_grad():
         y, y2 = model(x), model(x2)
-    assert y.shape == (2, L, V)
-    torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1])
-    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])  # the change is visible later
+    assert y.shape == (2, L, V), f"seed={seed}"
+    torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1], msg=with_seed(seed))
+    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:]), f"seed={seed}"  # the change is visible later
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_packed_documents_are_isolated(name):
     """With seq_idx, each packed document gives the same logits as when run alone."""
+    seed, rng = fresh_seed()
     model = TINY[name]().double().eval()
-    lengths = [random.randint(3, 12) for _ in range(3)]
+    lengths = [rng.randint(3, 12) for _ in range(3)]
     docs = [torch.randint(0, V, (1, n)) for n in lengths]
     packed = torch.cat(docs, dim=1)  # (1, sum(lengths))
     seq_idx = torch.cat([torch.full((1, n), i, dtype=torch.int32) for i, n in enumerate(lengths)], dim=1)
     with torch.no_grad():
         y = model(packed, seq_idx=seq_idx)
         alone = torch.cat([model(d) for d in docs], dim=1)
-    torch.testing.assert_close(y, alone)
+    torch.testing.assert_close(y, alone, msg=with_seed(seed))
 
 
 @pytest.mark.parametrize("name", ["transformerpp", "mamba2"])
 def test_forward_with_labels_is_the_mean_cross_entropy(name):
     """forward(..., labels) (the trainer's fused loss) = cross-entropy of forward's logits over
     the labelled tokens, with the same gradients; padded vocabulary rows never count."""
+    seed, _ = fresh_seed()
     model = TINY[name]().double()
     x = torch.randint(0, V, (3, 17))
     labels = torch.randint(0, V, (3, 17))
@@ -68,8 +83,8 @@ def test_forward_with_labels_is_the_mean_cross_entropy(name):
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     (gr,) = torch.autograd.grad(ref, [model.embedding.weight])
     assert loss.shape == () and model.padded_vocab >= V
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(g, gr)
+    torch.testing.assert_close(loss, ref, msg=with_seed(seed))
+    torch.testing.assert_close(g, gr, msg=with_seed(seed))
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -95,6 +110,29 @@ def test_norm_output_in_autocast_dtype_changes_nothing(name):
         assert dtype == (torch.bfloat16 if type(m).__dict__.get("input_to_autocast", True) else torch.float32)
     assert all(dtype == torch.float32 for _, dtype in seen[n:])
     torch.testing.assert_close(y, y_fp32_inputs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv,structure", [(2, "mha"), (None, "mqa")], ids=["gqa", "mqa"])
+def test_shared_kv_heads_equal_mha_with_tiled_weights(kv, structure):
+    """Attention with key/value heads shared by groups of query heads (GQA, MQA) equals plain
+    multi-head attention whose key and value weights repeat each shared head for its group."""
+    from ssdbench.models.transformerpp import Attention
+    seed, _ = fresh_seed()
+    d, H = 32, 4
+    Dh = d // H
+    shared = Attention(d, H, kv, head_structure=structure).double()
+    G = shared.Hk
+    mha = Attention(d, H).double()
+    q, k, v = shared.qkv.weight.detach().split([H * Dh, G * Dh, G * Dh])
+    tile = lambda w: w.view(G, Dh, d).repeat_interleave(H // G, dim=0).reshape(H * Dh, d)  # head h uses h // (H / G)
+    with torch.no_grad():
+        mha.qkv.weight.copy_(torch.cat([q, tile(k), tile(v)]))
+        mha.out.weight.copy_(shared.out.weight)
+    x = torch.randn(2, 11, d, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 6] * 2, dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), mha(x), msg=with_seed(seed))
+        torch.testing.assert_close(shared(x, seq_idx=seq_idx), mha(x, seq_idx=seq_idx), msg=with_seed(seed))
 
 
 def test_transformerpp_param_count_and_flops():

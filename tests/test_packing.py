@@ -77,3 +77,66 @@ def test_without_seq_idx_documents_see_each_other(name, window):
     assert torch.allclose(a[seq_idx == 0], b[seq_idx == 0], atol=1e-5)  # the first is unaffected
     assert not torch.allclose(a[seq_idx == 2], b[seq_idx == 2], atol=1e-4)
     assert np.isfinite(b.numpy()).all()
+
+
+# The same architectures on the Triton kernels (selective scan, SSD, causal conv, Taylor
+# attention): on a machine without a GPU they run under the interpreter (conftest sets
+# TRITON_INTERPRET=1), on CPU tensors.
+TRITON_MODELS = {
+    "mamba2": lambda: Mamba2(V, d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=8, impl="triton"),
+    "based": lambda: Based(V, d_model=32, n_layers=3, n_heads=4, feature_dim=8, window=4, impl="triton",
+                           layer_pattern=["linear_attn", "sliding_window", "base_conv"]),
+}
+
+
+def _launches() -> int:
+    from conftest import TRITON_LAUNCHES
+    return TRITON_LAUNCHES[0]
+
+
+@pytest.mark.parametrize("name", sorted(TRITON_MODELS))
+def test_packed_documents_score_as_if_alone_on_triton_kernels(name, window):
+    torch.manual_seed(0)
+    model = TRITON_MODELS[name]().float().eval()
+    toks, seq_idx = window
+    before = _launches()
+    with torch.no_grad():
+        packed = F.cross_entropy(model(toks[None, :-1], seq_idx=seq_idx[None])[0], toks[1:], reduction="none")
+        for k, doc in enumerate(DOCS[1:]):
+            alone_toks = torch.tensor([256] + list(doc.encode()) + [256])
+            alone = F.cross_entropy(model(alone_toks[None, :-1])[0], alone_toks[1:], reduction="none")
+            torch.testing.assert_close(packed[seq_idx == k], alone, rtol=1e-5, atol=1e-5)
+    assert _launches() > before, "the Triton path did not run"
+
+
+def _embedding_grad(model, toks, seq_idx, k):
+    """d(loss on document k's positions) / d(the embedding outputs of every position), (L, d)."""
+    grabbed = []
+
+    def hook(module, inputs, out):
+        out.retain_grad()
+        grabbed.append(out)
+
+    handle = model.embedding.register_forward_hook(hook)
+    try:
+        logits = model(toks[None, :-1], seq_idx=seq_idx[None])[0]  # (L, V)
+    finally:
+        handle.remove()
+    F.cross_entropy(logits[seq_idx == k], toks[1:][seq_idx == k]).backward()
+    return grabbed[0].grad[0]  # (L, d)
+
+
+@pytest.mark.parametrize("name,triton", [(n, False) for n in sorted(MODELS)] + [(n, True) for n in sorted(TRITON_MODELS)])
+def test_document_gradient_does_not_reach_other_documents(name, triton, window):
+    """Backward through packing: the loss of document k has exactly zero gradient with respect
+    to the (embedded) tokens of every other document, earlier ones included."""
+    torch.manual_seed(0)
+    model = (TRITON_MODELS if triton else MODELS)[name]().float()
+    toks, seq_idx = window
+    for k in (1, 2):
+        model.zero_grad()
+        g = _embedding_grad(model, toks, seq_idx, k)  # (L, d)
+        assert g[seq_idx == k].abs().sum() > 0  # the document's own tokens do matter
+        others = g[seq_idx != k]
+        assert torch.equal(others, torch.zeros_like(others)), \
+            f"document {k}: gradient {others.abs().max():.3g} leaks to other documents' tokens"

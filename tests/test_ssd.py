@@ -39,6 +39,26 @@ def poison(monkeypatch):
     monkeypatch.setattr(ssd_triton, "_alloc", nan_empty)
 
 
+# Limits of the interpreted (CPU) tests, per dtype and per output: 5-10x the worst relative error
+# the kernels showed over 10 seeds of every test below (issue 24; limits 20-40x the error let a
+# 1.002 scaling of dA, dD or ddt_bias through). Worst seen, float32: y 9e-7, final state 6e-6,
+# per-token gradients 5e-6 (ddt), dA 2.5e-4, ddt_bias 9e-5, dD 1.1e-6; float16: y 3e-4, final
+# 2.3e-4, gradients 5.7e-4, dA 1.8e-3, ddt_bias 8e-4, dD 6e-4; bfloat16: y 6e-3, final 3.8e-3,
+# gradients 9.8e-3, dA 1.1e-2, dD 1.3e-2, ddt_bias 4.3e-2. "g" is every gradient not named.
+# dA, ddt_bias and dD keep compare()'s fallback to 10x PyTorch's chunked fp32 reference.
+TOLS = {
+    torch.float32: dict(y=5e-6, final=4e-5, g=3e-5, dA=1.5e-3, ddt_bias=5e-4, dD=1e-5),
+    torch.float16: dict(y=2e-3, final=2e-3, g=4e-3, dA=1.2e-2, ddt_bias=6e-3, dD=5e-3),
+    torch.bfloat16: dict(y=1e-2, final=1e-2, g=2e-2, dA=1e-1, ddt_bias=1e-1, dD=1e-1),
+}
+
+
+def cpu_tols(dtype=torch.float32):
+    """TOLS on the interpreter, where they were measured; None (the old 2e-5 / 2e-4 limits of
+    the call) on a GPU, whose compiled kernels (other tiles, FMA, TF32) these seeds never ran."""
+    return None if ON_GPU else TOLS[dtype]
+
+
 def fresh_seed():
     seed = torch.seed() % (2**31)
     torch.manual_seed(seed)
@@ -92,7 +112,9 @@ def run_and_grads(fn, t, seq_idx, chunk, softplus=True, limit=(0.0, float("inf")
 
 
 def compare(fn, t, seq_idx, chunk, tol_y, tol_g, seed, softplus=True, limit=(0.0, float("inf")),
-            final=True, ref_fn=ssd_sequential_ref):
+            final=True, ref_fn=ssd_sequential_ref, tols=None):
+    """tol_y (y, final state) and tol_g (gradients) are the limits, or tols a dict of them by
+    name ("y", "final", "dA", ... and "g" for every other gradient), which overrides both."""
     y, fs, g, go = run_and_grads(fn, t, seq_idx, chunk, softplus, limit, final)
     t64 = {k: (None if v is None else v.detach().double()) for k, v in t.items()}
     yr, fr, gr, _ = run_and_grads(ref_fn, t64, seq_idx, chunk, softplus, limit, final, go)
@@ -111,6 +133,8 @@ def compare(fn, t, seq_idx, chunk, tol_y, tol_g, seed, softplus=True, limit=(0.0
     # 60 seeds, at 2.2-2.7 %, with the kernels of sessions 8 and 9 alike.)
     wide = 20 if t["x"].dtype in (torch.float32, torch.float64) else 5
     tol = {k: (tol_y if k in ("y", "final") else tol_g * (wide if k in ("dA", "ddt_bias", "dD") else 1)) for k in errs}
+    if tols is not None:
+        tol = {k: tols.get(k, tols["g"]) for k in errs}
     bad = {k: e for k, e in errs.items() if not e <= tol[k]}
     if bad and set(bad) <= {"dA", "ddt_bias", "dD"} and ref_fn is ssd_sequential_ref:
         # On rare inputs these sums cancel to a small fraction of their terms, and the chunked
@@ -131,14 +155,14 @@ def compare(fn, t, seq_idx, chunk, tol_y, tol_g, seed, softplus=True, limit=(0.0
 def test_head_structures(struct):
     seed = fresh_seed()
     t, seq = make_inputs(2, 45, 4, 16, 16, struct=struct)
-    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed)
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, tols=cpu_tols())
 
 
 @pytest.mark.parametrize("L,chunk", [(1, 16), (16, 16), (33, 16), (100, 32), (70, 64), (130, 128)])
 def test_lengths_and_chunks(L, chunk):
     seed = fresh_seed()
     t, seq = make_inputs(1, L, 2, 16, 32, struct="mva", seq=L > 2)
-    compare(ssd_chunked, t, seq, chunk, 2e-5, 2e-4, seed)
+    compare(ssd_chunked, t, seq, chunk, 2e-5, 2e-4, seed, tols=cpu_tols())
 
 
 @pytest.mark.parametrize("struct,N", [("mva", 256), ("mha", 160), ("gva", 200)])
@@ -148,7 +172,7 @@ def test_wide_state(struct, N):
     as one tile."""
     seed = fresh_seed()
     t, seq = make_inputs(1, 40, 4, 16, N, struct=struct, seq=True)
-    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed)
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, tols=cpu_tols())
 
 
 @pytest.mark.parametrize("opts", [
@@ -167,14 +191,14 @@ def test_options(opts, softplus, limit):
         t["dt"] = t["dt"].abs() * 0.3
         if t.get("dt_bias") is not None:
             t["dt_bias"] = t["dt_bias"].abs() * 0.3
-    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, softplus=softplus, limit=limit)
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, softplus=softplus, limit=limit, tols=cpu_tols())
 
 
 def test_no_final_states_and_odd_sizes():
     """P and N that are not powers of two (masked tiles); no final state returned."""
     seed = fresh_seed()
     t, seq = make_inputs(2, 37, 3, 12, 20, struct="mha")
-    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, final=False)
+    compare(ssd_chunked, t, seq, 16, 2e-5, 2e-4, seed, final=False, tols=cpu_tols())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -182,7 +206,7 @@ def test_low_precision_inputs(dtype):
     seed = fresh_seed()
     t, seq = make_inputs(2, 50, 2, 16, 16, struct="mva", dtype=dtype)
     # the reference sees the same rounded inputs, so only the kernel's own error is measured
-    compare(ssd_chunked, t, seq, 32, 1e-2, 2e-2, seed)
+    compare(ssd_chunked, t, seq, 32, 1e-2, 2e-2, seed, tols=cpu_tols(dtype))
 
 
 def test_non_contiguous_inputs():
@@ -195,7 +219,7 @@ def test_non_contiguous_inputs():
             nc[k] = v[..., ::2]  # stride 2 in the last dim
     nc["dt"] = t["dt"].transpose(1, 2).contiguous().transpose(1, 2)  # (batch, L, H) with L fastest
     assert not nc["x"].is_contiguous() and not nc["dt"].is_contiguous()
-    compare(ssd_chunked, nc, seq, 16, 2e-5, 2e-4, seed)
+    compare(ssd_chunked, nc, seq, 16, 2e-5, 2e-4, seed, tols=cpu_tols())
 
 
 # ---------------------------------------------------------------------------------------

@@ -222,3 +222,30 @@ def test_wandb_offline_run_keeps_its_id(tmp_path):
 def test_table_does_not_need_wandb():
     code = "import sys, ssdbench.cli, ssdbench.table; assert 'wandb' not in sys.modules, 'wandb imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(), timeout=120)
+
+
+def test_sigterm_during_sequential_sweep_stops_it_with_records(tmp_path):
+    """SIGTERM while the first job of a sequential (-m, basic launcher) sweep trains: the
+    command exits non-zero, the first job's record says interrupted with its last.ckpt on disk,
+    and the second job either never started or is recorded too (never left without a record)."""
+    args = ["run", "-m", *TINY, f"results_dir={tmp_path}", "study=seq", "trainer.max_steps=400",
+            "checkpoint_every=25", "trainer.val_check_interval=1000", "model.d_model=16,32"]
+    proc = subprocess.Popen([sys.executable, "-m", "ssdbench.cli", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.rglob("last.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.rglob("last.ckpt")), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, out[-2000:]
+    first = tmp_path / "seq" / ("experiment=mqar_tiny,model.d_model=16,model=transformerpp,trainer.max_steps=400,"
+                                "trainer.val_check_interval=1000,trainer=cpu")
+    r = record(first)
+    assert r["status"] == "interrupted" and 0 < r["global_step"] < 400, out[-2000:]
+    assert (first / "checkpoints" / "last.ckpt").exists()
+    second = Path(str(first).replace("model.d_model=16", "model.d_model=32"))
+    if (second / "record.json").exists():
+        assert record(second)["status"] in ("interrupted", "ok"), out[-2000:]
+    else:  # not started: nothing trained there
+        assert not list(second.rglob("*.ckpt"))
