@@ -61,18 +61,26 @@ def why_not(trainer, cfg) -> str | None:
     if not torch.cuda.is_available():
         # the tests run this loop (without graphs) on a CPU to compare it with Lightning's
         return None if os.environ.get(CPU_LOOP_ENV) == "1" else "no CUDA GPU"
+    return unsupported(trainer)
+
+
+def unsupported(trainer) -> str | None:
+    """What in the trainer's settings the graphed loop does not do (None: nothing)."""
     if trainer.world_size != 1:
         return f"{trainer.world_size} training processes (graphs are single-GPU; DDP/FSDP use Lightning's loop)"
-    if trainer.strategy.root_device.type != "cuda":
-        return f"the trainer runs on {trainer.strategy.root_device.type}"
     if str(trainer.precision) not in PRECISIONS:
         return f"precision {trainer.precision} (graphs support bf16-mixed and 32-true)"
     if trainer.accumulate_grad_batches != 1:
         return "accumulate_grad_batches > 1"
-    if (trainer.gradient_clip_algorithm or "norm") != "norm":
-        return f"gradient_clip_algorithm={trainer.gradient_clip_algorithm}"
-    if getattr(trainer.strategy.cluster_environment, "auto_requeue", False):
+    algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+    if algorithm != "norm":
+        return f"gradient_clip_algorithm={algorithm}"
+    env = getattr(trainer.strategy, "cluster_environment", None) or \
+        getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    if getattr(env, "auto_requeue", False):
         return "SLURM auto-requeue (its signal handling lives in Lightning's loop)"
+    if trainer.strategy.root_device.type != "cuda":
+        return f"the trainer runs on {trainer.strategy.root_device.type}"
     return None
 
 

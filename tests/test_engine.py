@@ -190,3 +190,23 @@ def test_graphed_run_resumes_from_its_checkpoint(tmp_path):
     assert done["status"] == "ok" and done["global_step"] == 3000 and done["cuda_graph"]["mode"] == "graphs"
     assert done["tokens_seen"] == 3000 * 64 * 64
     assert curve(run_dir, version=1)["step"].iloc[0] >= first["global_step"]
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(), "the trainer runs on cpu"),
+    (dict(precision="bf16-mixed"), "the trainer runs on cpu"),
+    (dict(precision="16-true"), "precision 16-true"),
+    (dict(accumulate_grad_batches=2), "accumulate_grad_batches > 1"),
+    (dict(gradient_clip_algorithm="value", gradient_clip_val=1.0), "gradient_clip_algorithm=value"),
+    ("slurm", "SLURM auto-requeue"),
+])
+def test_what_the_graphed_loop_does_not_do(kwargs, reason):
+    """The settings checked before a run is given to the graphed loop, read off real Trainers
+    (every check runs here, on a CPU: a Trainer attribute renamed by Lightning would fail it)."""
+    import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if kwargs == "slurm":
+        kwargs = dict(plugins=[SLURMEnvironment(auto_requeue=True)])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_steps=1, **kwargs)
+    assert reason in engine.unsupported(trainer)
