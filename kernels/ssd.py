@@ -47,7 +47,7 @@ import math
 import torch
 
 from .ssd_reference import ssd_chunked_ref, ssd_sequential_ref, ssd_step
-from .triton_util import interpreting
+from .triton_util import check_seq_idx_order, interpreting
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -121,8 +121,7 @@ def validate(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
             raise ValueError(f"seq_idx: expected int32 or int64, got {seq_idx.dtype}")
         if tuple(seq_idx.shape) != (batch, L):
             raise ValueError(f"seq_idx: expected shape {(batch, L)}, got {tuple(seq_idx.shape)}")
-        if L > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
-            raise ValueError("seq_idx: must be non-decreasing along each row")
+        check_seq_idx_order(seq_idx)
     for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
                     ("dt_bias", dt_bias), ("initial_states", initial_states), ("seq_idx", seq_idx)):
         if t is not None and t.device != x.device:

@@ -28,6 +28,17 @@ def autotune(configs, key, **kwargs):
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 
+def check_seq_idx_order(seq_idx) -> None:
+    """seq_idx must be non-decreasing along each row (documents packed back to back). Reading
+    that back from the GPU is a sync, which a CUDA-graph capture forbids: while capturing the
+    check is skipped (the graphed training loop runs each shape's first step eagerly, checked)."""
+    import torch
+
+    if seq_idx.shape[-1] > 1 and not (seq_idx.is_cuda and torch.cuda.is_current_stream_capturing()) \
+            and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        raise ValueError("seq_idx: must be non-decreasing along each row")
+
+
 # PTX cannot run under the interpreter. Read at import, as @triton.jit itself reads it.
 FAST_EXP = tl.constexpr(not interpreting())
 
