@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_util import autotune, exp2_ftz, interpreting
+from .triton_util import autotune, check_seq_idx_order, exp2_ftz, interpreting
 
 MAX_N = 256  # largest state size N (the backward holds BLOCK_N slices; the ceiling is the brief's)
 
@@ -508,8 +508,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx):
             raise ValueError("seq_idx: expected an int32 tensor of shape (batch, L)")
         if tuple(seq_idx.shape) != (batch, L):
             raise ValueError(f"seq_idx: expected shape ({batch}, {L}), got {tuple(seq_idx.shape)}")
-        if L > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
-            raise ValueError("seq_idx: must be non-decreasing along each row")
+        check_seq_idx_order(seq_idx)  # skipped while a CUDA graph is captured (no sync there)
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
                     ("delta_bias", delta_bias), ("seq_idx", seq_idx)):
         if t is not None and t.device != u.device:

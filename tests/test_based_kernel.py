@@ -392,7 +392,7 @@ def test_decreasing_seq_idx_is_rejected(fn):
     """seq_idx must be non-decreasing along each row: checked on the host before any launch."""
     q, k, v = torch.randn(2, 6, 2, 4), torch.randn(2, 6, 2, 4), torch.randn(2, 6, 2, 3)
     seq = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 1, 1]], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"^seq_idx must be non-decreasing"):
+    with pytest.raises(ValueError, match=r"^seq_idx: must be non-decreasing"):
         fn(q, k, v, seq_idx=seq)
 
 

@@ -251,13 +251,13 @@ def test_tokens_counted_over_accumulated_micro_batches(tmp_path):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    """Training learns: over 40 steps of mqar_tiny the logged train/loss falls well below its
-    first value (5.4 -> 2.8-3.0 over seeds 0-2; chance would stay flat)."""
-    ssdbench("run", *TINY, f"results_dir={tmp_path}", "study=learn", "trainer.max_steps=40",
-             "trainer.val_check_interval=40", "trainer.log_every_n_steps=5", cwd=tmp_path, check=0)
+    """Training learns: over 30 steps of mqar_tiny the logged train/loss falls well below its
+    first value (5.4-5.5 -> 3.2 over seeds 0-2; with optim.lr=1e-9 it stays at 5.5)."""
+    ssdbench("run", *TINY, f"results_dir={tmp_path}", "study=learn", "trainer.max_steps=30",
+             "trainer.val_check_interval=30", "trainer.log_every_n_steps=5", cwd=tmp_path, check=0)
     (csv,) = tmp_path.rglob("logs/version_0/metrics.csv")
     loss = pd.read_csv(csv).dropna(subset=["train/loss"]).sort_values("step")["train/loss"].tolist()
-    assert len(loss) == 8, loss  # steps 4, 9, ..., 39
+    assert len(loss) == 6, loss  # steps 4, 9, ..., 29
     assert loss[-1] < 0.7 * loss[0], loss
     assert min(loss[-3:]) < min(loss[:3]), loss
 

@@ -130,13 +130,30 @@ def _embedding_grad(model, toks, seq_idx, k):
 def test_document_gradient_does_not_reach_other_documents(name, triton, window):
     """Backward through packing: the loss of document k has exactly zero gradient with respect
     to the (embedded) tokens of every other document, earlier ones included."""
+    _check_gradient_isolation(name, triton, window, exact=name != "mamba2")
+
+
+def _check_gradient_isolation(name, triton, window, exact):
     torch.manual_seed(0)
     model = (TRITON_MODELS if triton else MODELS)[name]().float()
     toks, seq_idx = window
-    for k in (1, 2):
+    before = _launches()
+    for k in ((2,) if triton else (1, 2)):  # the interpreter is slow: the last document only
         model.zero_grad()
         g = _embedding_grad(model, toks, seq_idx, k)  # (L, d)
-        assert g[seq_idx == k].abs().sum() > 0  # the document's own tokens do matter
+        own = g[seq_idx == k].abs().max()
+        assert own > 0  # the document's own tokens do matter
         others = g[seq_idx != k]
-        assert torch.equal(others, torch.zeros_like(others)), \
-            f"document {k}: gradient {others.abs().max():.3g} leaks to other documents' tokens"
+        if exact:
+            assert torch.equal(others, torch.zeros_like(others)), \
+                f"document {k}: gradient {others.abs().max():.3g} leaks to other documents' tokens"
+        else:  # Mamba-2's chunked SSD leaks ~1e-11 (see the xfail test below)
+            assert others.abs().max() <= 1e-6 * own, f"document {k}: {others.abs().max():.3g} vs {own:.3g}"
+    if triton:
+        assert _launches() > before, "the Triton path did not run"
+
+
+@pytest.mark.xfail(strict=True, reason="Mamba-2's chunked SSD (PyTorch and Triton) lets ~1e-11 of gradient "
+                                       "through to earlier documents: decays not masked to exact zeros")
+def test_mamba2_document_gradient_is_exactly_zero(window):
+    _check_gradient_isolation("mamba2", False, window, exact=True)

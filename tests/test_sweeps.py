@@ -227,9 +227,9 @@ def test_table_does_not_need_wandb():
 def test_sigterm_during_sequential_sweep_stops_it_with_records(tmp_path):
     """SIGTERM while the first job of a sequential (-m, basic launcher) sweep trains: the
     command exits non-zero, the first job's record says interrupted with its last.ckpt on disk,
-    and the second job either never started or is recorded too (never left without a record)."""
+    and the second job either never started or is recorded as interrupted too (it must not run on)."""
     args = ["run", "-m", *TINY, f"results_dir={tmp_path}", "study=seq", "trainer.max_steps=400",
-            "checkpoint_every=25", "trainer.val_check_interval=1000", "model.d_model=16,32"]
+            "checkpoint_every=5", "trainer.val_check_interval=1000", "model.d_model=16,32"]
     proc = subprocess.Popen([sys.executable, "-m", "ssdbench.cli", *args], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -246,6 +246,6 @@ def test_sigterm_during_sequential_sweep_stops_it_with_records(tmp_path):
     assert (first / "checkpoints" / "last.ckpt").exists()
     second = Path(str(first).replace("model.d_model=16", "model.d_model=32"))
     if (second / "record.json").exists():
-        assert record(second)["status"] in ("interrupted", "ok"), out[-2000:]
+        assert record(second)["status"] == "interrupted", out[-2000:]  # SIGTERM is for the whole sweep
     else:  # not started: nothing trained there
         assert not list(second.rglob("*.ckpt"))
