@@ -174,7 +174,7 @@ class SequenceLM(L.LightningModule):
             return {}
         is_lm = int(n_bytes.sum()) > 0
         overall = lm_metrics(float(nats.sum()), int(count.sum()), int(n_bytes.sum()))
-        out = {f"{prefix}/loss": overall["loss"], f"{prefix}/acc": float(correct.sum() / count.sum().clamp_min(1))}
+        out = {f"{prefix}/loss": overall["loss"], f"{prefix}/acc": int(correct.sum()) / int(count.sum())}
         if is_lm:
             out[f"{prefix}/ppl"], out[f"{prefix}/bpb"] = overall["ppl"], overall["bpb"]
         for i, name in enumerate(self.slice_names):
