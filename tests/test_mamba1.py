@@ -151,9 +151,14 @@ def test_triton_equals_torch_forward_backward(selective):
         (y.float().pow(2).mean()).backward()
         outs.append(y.detach())
         grads.append({n: p.grad.detach().clone() for n, p in m.named_parameters()})
-    assert rel_err(outs[1], outs[0]) < 1e-4
+    # Interpreter limits, 5-10x the worst of 10 seeds (issue 24): y 4.6e-8; gradients 6.9e-6
+    # (x_proj, dt_lti), but B_lti and C_lti, one vector summed over every token and channel,
+    # 7.4e-5. On the GPU (other sizes, compiled kernels, never measured so) the old 1e-4 / 1e-3.
+    tol_y, tol_g, tol_bc = (1e-4, 1e-3, 1e-3) if big else (4e-7, 5e-5, 5e-4)
+    assert rel_err(outs[1], outs[0]) < tol_y, f"seed={seed} y: {rel_err(outs[1], outs[0])}"
     for n, g in grads[0].items():
-        assert rel_err(grads[1][n], g) < 1e-3, n
+        tol = tol_bc if n.endswith(("B_lti", "C_lti")) else tol_g
+        assert rel_err(grads[1][n], g) < tol, f"seed={seed} {n}: {rel_err(grads[1][n], g)}"
 
 
 @pytest.mark.parametrize("kwargs,field", [

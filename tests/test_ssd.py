@@ -41,13 +41,14 @@ def poison(monkeypatch):
 
 # Limits of the interpreted (CPU) tests, per dtype and per output: 5-10x the worst relative error
 # the kernels showed over 10 seeds of every test below (issue 24; limits 20-40x the error let a
-# 1.002 scaling of dA, dD or ddt_bias through). Worst seen, float32: y 9e-7, final state 6e-6,
-# per-token gradients 5e-6 (ddt), dA 2.5e-4, ddt_bias 9e-5, dD 1.1e-6; float16: y 3e-4, final
-# 2.3e-4, gradients 5.7e-4, dA 1.8e-3, ddt_bias 8e-4, dD 6e-4; bfloat16: y 6e-3, final 3.8e-3,
-# gradients 9.8e-3, dA 1.1e-2, dD 1.3e-2, ddt_bias 4.3e-2. "g" is every gradient not named.
+# 1.002 scaling of dA, dD or ddt_bias through). Worst seen, float32 (10 seeds x 28 tests): y 9e-7,
+# final state 1.2e-5, per-token gradients 8e-6 (ddt), dA 3.3e-4, ddt_bias 1.3e-4, dD 4.4e-6;
+# float16: y 3e-4, final 2.3e-4, gradients 5.7e-4, dA 1.8e-3, ddt_bias 8e-4, dD 6e-4; bfloat16:
+# y 6e-3, final 3.8e-3, gradients 9.8e-3, dA 1.1e-2, dD 1.3e-2, ddt_bias 4.3e-2 (its limits
+# stay as they were). "g" is every gradient not named.
 # dA, ddt_bias and dD keep compare()'s fallback to 10x PyTorch's chunked fp32 reference.
 TOLS = {
-    torch.float32: dict(y=5e-6, final=4e-5, g=3e-5, dA=1.5e-3, ddt_bias=5e-4, dD=1e-5),
+    torch.float32: dict(y=5e-6, final=8e-5, g=5e-5, dA=1.5e-3, ddt_bias=1e-3, dD=3e-5),
     torch.float16: dict(y=2e-3, final=2e-3, g=4e-3, dA=1.2e-2, ddt_bias=6e-3, dD=5e-3),
     torch.bfloat16: dict(y=1e-2, final=1e-2, g=2e-2, dA=1e-1, ddt_bias=1e-1, dD=1e-1),
 }
