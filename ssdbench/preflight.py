@@ -132,7 +132,14 @@ def check(argv: list[str]) -> list[str]:
     from omegaconf import OmegaConf
 
     def select(key: str, default=None):
-        return OmegaConf.select(base, key, default=default, throw_on_resolution_failure=False)
+        """The raw value at a dotted key, interpolations unresolved (their resolvers are
+        registered by the modules this check avoids importing); ``default`` when absent."""
+        node = base
+        for part in key.split("."):
+            if not OmegaConf.is_dict(node) or part not in node.keys():
+                return default
+            node = node._get_node(part)
+        return node if OmegaConf.is_config(node) else node._value()
 
     keys = [k for k in _dotted_keys(base) if not k.startswith("hydra")]
     rewritten: dict[str, str] = {}

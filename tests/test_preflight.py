@@ -39,6 +39,8 @@ def test_bad_override_is_a_config_error(args, needle):
      ["optim.lr=1e-3", "seed=3", "compile=true", "trainer.cuda_graph=false"]),
     (["experiment=mqar_fig8", "budget=1/8"], ["experiment=mqar_fig8", "budget=1/8"]),
     (["optim.lr=1"], ["optim.lr=1"]),  # an integer is a number
+    # a key whose value is an interpolation of a resolver this check does not load is present
+    (["trainer=ddp", "trainer.precision=32-true"], ["trainer=ddp", "trainer.precision=32-true"]),
     (["--help"], ["--help"]),
 ])
 def test_good_overrides_pass_and_listed_arguments_need_no_plus(args, expected):
