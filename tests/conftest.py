@@ -7,6 +7,7 @@ for real and the same tests run on the device. Tests marked ``triton`` (the kern
 fail when they launched no Triton kernel.
 """
 import os
+import random
 
 # Under pytest-xdist the workers share the cores: each gets its share of threads for torch and
 # BLAS, in its own process and in the CLI runs it starts (they inherit the environment). With
@@ -149,3 +150,16 @@ def decode_logits(model, x: torch.Tensor) -> torch.Tensor:
             logits, state = model.step(x[:, t], state)
             steps.append(logits)
     return torch.stack(steps, 1)
+
+
+def fresh_seed():
+    """A new seed for torch (weights, tokens) and for a random.Random of its own (sizes), returned
+    so that every failure message can name it and the draw can be replayed."""
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    return seed, random.Random(seed)
+
+
+def with_seed(seed):
+    """A msg callable for torch.testing.assert_close that puts the seed in front."""
+    return lambda msg: f"seed={seed}: {msg}"

@@ -1,12 +1,12 @@
 """Based model: decoding equals the full forward for every mixer kind, the window never
 reaches further back than `window` tokens nor across documents, accounting, config errors."""
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import fresh_seed, with_seed
 
 from ssdbench.errors import ConfigError
 from ssdbench.kernels.based import based_state_size
@@ -15,16 +15,6 @@ from ssdbench.models.based import Based, layer_kinds, window_mask
 V = 53
 
 
-def fresh_seed():
-    """A new seed for torch (weights, tokens) and for a random.Random of its own (sizes), returned
-    so that every failure message can name it and the draw can be replayed."""
-    seed = torch.seed() % (2**31)
-    torch.manual_seed(seed)
-    return seed, random.Random(seed)
-
-
-def with_seed(seed):
-    return lambda msg: f"seed={seed}: {msg}"
 
 
 def decode(model, x):

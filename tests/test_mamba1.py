@@ -2,13 +2,12 @@
 and the LTI (selective=False, S4-like) ablation of the paper's Table 1."""
 import math
 import os
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, decode_logits, rel_err
+from conftest import DEVICE, decode_logits, fresh_seed, rel_err, with_seed
 from ssdbench.errors import ConfigError
 from ssdbench.models.mamba1 import Mamba1
 
@@ -21,16 +20,6 @@ def tiny(**kw):
     return Mamba1(V, **args)
 
 
-def fresh_seed():
-    """A new seed for torch (weights, inputs) and for a random.Random of its own (sizes), returned
-    so that every failure message can name it and the draw can be replayed."""
-    seed = torch.seed() % (2**31)
-    torch.manual_seed(seed)
-    return seed, random.Random(seed)
-
-
-def with_seed(seed):
-    return lambda msg: f"seed={seed}: {msg}"
 
 
 def test_param_count_matches_mamba_130m():

@@ -1,9 +1,9 @@
 """Properties every architecture in the zoo must have: causality, document isolation,
 parameter accounting and weight-decay grouping. New architectures add a constructor to TINY."""
-import random
 
 import pytest
 import torch
+from conftest import fresh_seed, with_seed
 
 from ssdbench.errors import ConfigError
 from ssdbench.lit import SequenceLM, warmup_cosine
@@ -24,16 +24,6 @@ TINY = {
 }
 
 
-def fresh_seed():
-    """A new seed for torch (weights, tokens) and for a random.Random of its own (sizes), returned
-    so that every failure message can name it and the draw can be replayed."""
-    seed = torch.seed() % (2**31)
-    torch.manual_seed(seed)
-    return seed, random.Random(seed)
-
-
-def with_seed(seed):
-    return lambda msg: f"seed={seed}: {msg}"
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
