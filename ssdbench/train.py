@@ -184,10 +184,11 @@ class RecordCallback(Callback):
             status = "interrupted"
         else:
             status = "failed"
-        # A diverged state is not worth resuming from. With several processes, saving here
-        # would wait at a barrier for ranks that may never get there: those runs resume from
-        # the last periodic checkpoint (checkpoint_every) instead.
-        if status != "diverged":
+        # A diverged state is not worth resuming from, nor one a KeyboardInterrupt cut into
+        # (a second Ctrl-C, engine.StopAtStepEnd: the step it landed in may be half applied).
+        # With several processes, saving here would wait at a barrier for ranks that may never
+        # get there. Those runs resume from the last periodic checkpoint (checkpoint_every).
+        if status != "diverged" and not isinstance(exception, KeyboardInterrupt):
             self.save_checkpoint(trainer)
         self.error = f"{type(exception).__name__}: {exception}"
         self.write(trainer, pl_module, status)
@@ -617,7 +618,10 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
         if loop is not None:
             loop.fit(resume)
         else:
-            trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
+            # Ctrl-C as Lightning's SIGTERM: stop at the end of a step (engine.StopAtStepEnd)
+            with engine.StopAtStepEnd((signal.SIGINT,), on_set=lambda: setattr(
+                    trainer._signal_connector, "received_sigterm", True)):
+                trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
             if trainer.interrupted:  # stopped by a callback or signal without an exception reaching us
                 raise KeyboardInterrupt
             # Under SLURM, Lightning's validate() loads the newest hpc_ckpt_<n>.ckpt of the run
@@ -794,7 +798,7 @@ def main(cfg: DictConfig):
     except SystemExit as e:
         if type(e) is SystemExit:  # a plain sys.exit from below: pass it on
             raise
-        fail(EXIT_INTERRUPTED, "interrupted", f"interrupted (SIGTERM); checkpoint and record kept in {job}")
+        fail(EXIT_INTERRUPTED, "interrupted", f"interrupted (SIGTERM or Ctrl-C); checkpoint and record kept in {job}")
         if multirun:  # SIGTERM is for the whole sweep, not just this job
             raise SystemExit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:

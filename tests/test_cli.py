@@ -1,5 +1,6 @@
 """End-to-end tests of the `ssdbench` command, each run in a temporary results directory."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -201,6 +202,17 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(tmp_path, sig):
     assert r["status"] == "ok" and r["global_step"] == 400
     assert r["resumed_from"] == str(ckpt)
     assert r["tokens_seen"] == 400 * 64 * 32  # the count survives the resume
+
+    # The resumed attempt trained on from the checkpoint, not from scratch: its log (a CSV of
+    # its own, version_1) starts after the interrupted step, and the learning rate it logged at
+    # each step is the uninterrupted schedule's (cosine from 1e-2 to 1e-5 after 10 warmup steps
+    # over 400, by hand) - a rerun that ignored the checkpoint, or one that restored the step
+    # count but not the schedule, fails here.
+    resumed = pd.read_csv(run_dir / "logs" / "version_1" / "metrics.csv").dropna(subset=["lr"])
+    assert len(resumed) > 0 and resumed["step"].min() >= stopped_at, (stopped_at, resumed["step"].tolist())
+    for s, lr in zip(resumed["step"], resumed["lr"]):
+        want = 1e-2 * (1e-3 + 0.999 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 390)))
+        assert lr == pytest.approx(want, rel=1e-5), (s, lr, want)
 
 
 def test_sigterm_during_evaluation_keeps_record_and_checkpoint(tmp_path):
