@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import fresh_seed, with_seed
+from conftest import DEVICE, ON_GPU, fresh_seed, with_seed
 
 from ssdbench.errors import ConfigError
 from ssdbench.kernels.based import based_state_size
-from ssdbench.models.based import Based, layer_kinds, window_mask
+from ssdbench.models.based import HAS_FLEX, Based, flex_window_attention, layer_kinds, window_mask
 
 V = 53
 
@@ -163,3 +163,37 @@ def test_cli_run_based(tmp_path):
                         "progress_bar=false", f"results_dir={tmp_path}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+# FlexAttention's window (models.based.flex_window_attention, compiled) against the band mask in
+# float64. Limits near the measured error (max |out - ref| / max |ref|): CPU fp32 ~3e-7; on a GPU
+# fp32 ~1e-6 (TF32 off in FlexAttention), bf16 ~4e-3, fp16 ~5e-4.
+FLEX_TOL = {torch.float32: 5e-6, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+
+
+def _band_attention64(q, k, v, window, seq_idx):
+    """softmax(q k^T / sqrt(P) over the band) v in float64: (batch, H, L, P)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    L, P = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-1, -2) / P ** 0.5  # (batch, H, L, L)
+    allowed = window_mask(L, window, None if seq_idx is None else seq_idx.to(q.device), q.device)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.skipif(not HAS_FLEX, reason="FlexAttention needs torch >= 2.5")
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16, torch.float16] if ON_GPU else []))
+@pytest.mark.parametrize("docs", [False, True])
+def test_flex_window_attention_equals_the_band_mask(dtype, docs):
+    seed = fresh_seed()
+    batch, H, L, P, window = 2, 2, 256, 16, 48  # L over FlexAttention's 128-token blocks, the window across them
+    q, k, v = (torch.randn(batch, H, L, P, device=DEVICE, dtype=dtype) for _ in range(3))
+    seq_idx = None
+    if docs:  # documents of random lengths, one boundary inside the window of its next tokens
+        cuts = sorted(torch.randint(1, L, (4,)).tolist())
+        seq_idx = torch.zeros(batch, L, dtype=torch.int32, device=DEVICE)
+        for c in cuts:
+            seq_idx[:, c:] += 1
+    out = flex_window_attention(q, k, v, window, seq_idx)
+    ref = _band_attention64(q, k, v, window, seq_idx)
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < FLEX_TOL[dtype], f"seed={seed}: relative error {err:.3g} (limit {FLEX_TOL[dtype]:.3g})"
