@@ -17,4 +17,4 @@ for m in mamba1 based; do
   echo "$m rc=$? $(grep -E 'ssdbench run:' "$OUT/run_$m.log" | head -2)"
   python3 -c "import json,glob; r=json.load(open(glob.glob('/tmp/res/gpu/*model=$m*/record.json')[0])); print(r['status'], r['cuda_graph'], r['metrics'].get('val/acc'), r['wall_time_s'])"
 done
-timeout 330 python3 -m ssdbench.cli bench study "$@" --out "$OUT" 2>&1 | tee "$OUT/bench_study.log" | tail -24
+timeout "${STUDY_TIMEOUT:-330}" python3 -m ssdbench.cli bench study "$@" --out "$OUT" 2>&1 | tee "$OUT/bench_study.log" | tail -24
