@@ -164,6 +164,7 @@ class Engine:
         self.eval_time_s = 0.0
         self.first_step_at: float | None = None  # time.time() when the first step had finished
         self.marks: list[tuple[int, float]] = []  # (step, time) at each read-back (the GPU is idle then)
+        self.data_on_device = False  # training examples moved to the GPU (see _batches)
 
     # ---- optimizer ----------------------------------------------------------------------------
     def _optimizer(self):
@@ -301,6 +302,13 @@ class Engine:
         (the order Lightning's loop sees), skipping without fetching on resume."""
         sampler, ds = getattr(loader, "batch_sampler", None), loader.dataset
         batched = sampler is not None and hasattr(ds, "__getitems__")
+        if batched and self.use_graphs and hasattr(ds, "on_device"):
+            # the examples on the GPU when they take at most a quarter of its free memory: a
+            # batch is then a gather there, and its copy into the graph's inputs device to device
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if ds.nbytes() <= free // 4:
+                ds = ds.on_device(self.device)
+                self.data_on_device = True
         while True:
             if hasattr(sampler, "epoch"):
                 sampler.epoch = self.epoch
@@ -458,7 +466,7 @@ class Engine:
     def record_fields(self) -> dict:
         steady = self.steady_step_ms()
         return {"mode": "graphs" if (self.use_graphs or self.graphs or self.fallback) else "eager-loop",
-                "graphs": len(self.graphs), "fallback": self.fallback,
+                "graphs": len(self.graphs), "fallback": self.fallback, "data_on_device": self.data_on_device,
                 "eval_time_s": round(self.eval_time_s, 3), "first_step_at": self.first_step_at,
                 "steady_step_ms": None if steady is None else round(steady, 4)}
 

@@ -210,3 +210,24 @@ def test_what_the_graphed_loop_does_not_do(kwargs, reason):
         kwargs = dict(plugins=[SLURMEnvironment(auto_requeue=True)])
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_steps=1, **kwargs)
     assert reason in engine.unsupported(trainer)
+
+
+def test_examples_moved_to_the_device_give_the_same_batches():
+    """The graphed loop gathers batches from a copy of the dataset on the GPU
+    (SegmentDataset.on_device): same tensors, dtypes and slice ids as from host memory."""
+    import torch
+
+    from ssdbench.tasks.base import Segment, SegmentDataset
+
+    device = "cuda" if ON_GPU else "cpu"
+    g = torch.Generator().manual_seed(0)
+    segs = [Segment(f"s{i}", torch.randint(-100, 100, (n, 8), generator=g, dtype=torch.int16),
+                    torch.randint(-100, 100, (n, 8), generator=g, dtype=torch.int16)) for i, n in enumerate((5, 7))]
+    host = SegmentDataset(segs)
+    dev = host.on_device(device)
+    assert dev.nbytes() == host.nbytes() == 2 * 12 * 8 * 2
+    for idx in ([0, 3, 4], [9, 5, 11], [6]):
+        a, b = host.__getitems__(idx), dev.__getitems__(idx)
+        for k in a:
+            assert b[k].device.type == device and b[k].dtype == a[k].dtype == torch.long
+            assert torch.equal(a[k], b[k].cpu()), (idx, k)
