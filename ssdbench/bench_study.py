@@ -9,7 +9,8 @@ reads from its record
 * ``run_step_ms``: the loop's mean step time past the first 20 % of steps (captures and
   compiles are over), as the graphed loop measures it between its loss read-backs;
 * ``start_s``: seconds from launching the process to the end of its first optimizer step
-  (imports, config, data, model, the first step's compiles and autotuning);
+  (imports, config, data, model, the first step's compiles and autotuning); ``startup`` splits
+  it by the record's marks (``startup_s``: the end of each phase from the process's start);
 
 and times the same model's bare training step replayed from a CUDA graph in this process
 (``bench_train.time_training``: same batch, same tokens, no data loading, no logging), the
@@ -94,6 +95,12 @@ def graph_step_ms(arch: str, d_model: int, batch: int) -> float:
     return r["step_ms"]
 
 
+def _phases(startup: dict | None) -> str | None:
+    """The record's start-up marks as "phase time" pairs, e.g. "imports_and_config 6.1, ...",
+    in seconds from the process's start."""
+    return None if not startup else ", ".join(f"{k} {v:.1f}" for k, v in startup.items())
+
+
 def case(arch: str, d_model: int, batch: int, steps: int, results: Path, lightning: bool) -> list[dict]:
     rows = []
     base = dict(model=arch, d_model=d_model, batch=batch, T=T)
@@ -110,7 +117,8 @@ def case(arch: str, d_model: int, batch: int, steps: int, results: Path, lightni
                          ratio=run_ms / floor if run_ms else None,
                          start_s=(g["first_step_at"] - t0) if g.get("first_step_at") else None,
                          tokens_per_s=batch * T / (run_ms / 1e3) if run_ms else None,
-                         val_acc=(r.get("metrics") or {}).get("val/acc"), fallback=g.get("fallback"), status="ok"))
+                         val_acc=(r.get("metrics") or {}).get("val/acc"), fallback=g.get("fallback"),
+                         startup=_phases(r.get("startup_s")), status="ok"))
     except Exception as e:  # noqa: BLE001
         rows.append(dict(base, loop="graphs", graph_step_ms=floor, status=f"failed: {e}"[:300]))
     if lightning:

@@ -264,6 +264,8 @@ class Engine:
         if entry is None and self.use_graphs and key in self.seen:
             try:
                 entry = self.graphs[key] = self._capture(key, batch)
+                if len(self.graphs) == 1:
+                    self._startup_mark("first_capture")
             except Exception as e:  # noqa: BLE001 - a capture that fails must not end the run
                 self._disable_graphs(f"capture failed at step {self.global_step}: {type(e).__name__}: "
                                      f"{str(e).splitlines()[0][:160] if str(e) else ''}")
@@ -288,6 +290,11 @@ class Engine:
         self.global_step += 1
         self._set_lr()
         return loss
+
+    def _startup_mark(self, phase: str):
+        mark = getattr(self.record_cb, "startup_mark", None)
+        if mark is not None:
+            mark(phase)
 
     def _disable_graphs(self, why: str):
         self.use_graphs = False
@@ -413,6 +420,7 @@ class Engine:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize(self.device)
                         self.first_step_at = time.time()
+                        self._startup_mark("first_step")
                     losses[self.global_step - 1 - first].copy_(loss)
                     lit.tokens_seen += int(batch["input_ids"].numel())
                     n = self.global_step

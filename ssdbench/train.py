@@ -171,11 +171,22 @@ class RecordCallback(Callback):
         self.tokens_at_start = 0
         self.status = "running"
         self.error: str | None = None
+        self.startup: dict[str, float] = {}
+
+    def startup_mark(self, phase: str) -> None:
+        """Seconds from the process's start to the end of ``phase`` (record "startup_s")."""
+        self.startup[phase] = round(time.time() - ssdbench.PROCESS_START, 3)
 
     def on_fit_start(self, trainer, pl_module):
         self.t0 = time.time()
         self.tokens_at_start = pl_module.tokens_seen
         self.write(trainer, pl_module, "running")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "first_step" not in self.startup:  # Lightning's loop (the graphed one marks its own)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.startup_mark("first_step")
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, DivergedError):
@@ -225,6 +236,7 @@ class RecordCallback(Callback):
             tokens_per_s=round(tokens_now / elapsed, 1) if elapsed > 0 else None,
             peak_memory_bytes=rec.peak_memory_bytes(),
             metrics=metrics or {},
+            startup_s=dict(self.startup),  # seconds from process start to the end of each phase
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         return rec.write_record(self.run_dir, r)
@@ -510,6 +522,7 @@ def train(cfg: DictConfig, previous: dict | None = None, fresh: bool = False) ->
 
     # The trainer comes first: it knows how many processes share the global batch.
     record_cb = RecordCallback(run_dir, last_ckpt)
+    record_cb.startup_mark("imports_and_config")
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint_every, enable_version_counter=False),
@@ -533,6 +546,7 @@ def train(cfg: DictConfig, previous: dict | None = None, fresh: bool = False) ->
     trainer = build(trainer_node, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
                     enable_progress_bar=False, use_distributed_sampler=False,
                     **_trainer_overrides(cfg))
+    record_cb.startup_mark("trainer")
     use_graphs, why = engine.decide(graph_choice, trainer, cfg)
     if not use_graphs and torch.cuda.is_available() and graph_choice is not False:
         print(f"ssdbench run: CUDA graphs off ({why}): Lightning's loop trains this run", file=sys.stderr)
@@ -578,6 +592,7 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
     if world > 1:
         _shard_batches(datamodule, trainer)
     datamodule.setup("fit")
+    record_cb.startup_mark("model_and_data")
     lit = SequenceLM(model, **OmegaConf.to_container(cfg.optim), total_steps=cfg.trainer.max_steps,
                      slice_names=datamodule.slice_names)
     seq_len = getattr(datamodule, "max_seq_len", None)
