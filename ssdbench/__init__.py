@@ -3,6 +3,6 @@
 import time
 
 __version__ = "0.1.0"
-# When this process began importing ssdbench: a run's start-up phases (record "startup_s") are
-# timed from here.
-PROCESS_START = time.time()
+# A run's start-up phases (record "startup_s") are timed from here: when this process began
+# importing ssdbench, and in a sweep from the end of the previous job (train.main resets it).
+STARTUP_FROM = time.time()

@@ -174,8 +174,9 @@ class RecordCallback(Callback):
         self.startup: dict[str, float] = {}
 
     def startup_mark(self, phase: str) -> None:
-        """Seconds from the process's start to the end of ``phase`` (record "startup_s")."""
-        self.startup[phase] = round(time.time() - ssdbench.PROCESS_START, 3)
+        """Seconds to the end of ``phase`` (record "startup_s") from the process's start, or in a
+        sweep from the end of the previous job in this process."""
+        self.startup[phase] = round(time.time() - ssdbench.STARTUP_FROM, 3)
 
     def on_fit_start(self, trainer, pl_module):
         self.t0 = time.time()
@@ -777,6 +778,14 @@ def print_sweep_summary(folder: Path, console: Console | None = None) -> int:
 
 @hydra.main(version_base="1.3", config_path="pkg://ssdbench.conf", config_name="config")
 def main(cfg: DictConfig):
+    try:
+        return _job(cfg)
+    finally:
+        # the next job of a sweep in this process starts up from here (record "startup_s")
+        ssdbench.STARTUP_FROM = time.time()
+
+
+def _job(cfg: DictConfig):
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     job = HydraConfig.get().runtime.output_dir
 
