@@ -7,29 +7,53 @@ Per channel d (D channels) and state n (N states), with diagonal real A (Mamba �
 
 Hardware-aware design (Mamba §3.3): the expanded state (batch, D, L, N) never touches memory.
 
-Forward: a sequential walk. A program owns (one sequence, BLOCK_D channels, all N states); its
-threads hold the state h (N, BLOCK_D) in registers, 16 or 32 states of a channel per thread (one
-channel per lane up to N = 16, beyond that a few lanes share one), and advance it one time step
-at a time (one exp and three FMAs per state element). The time axis is not split:
-the programs of a batch already fill the GPU at the benchmark shapes (65,536 tokens).
+Forward: a sequential walk. A program owns (one sequence, BLOCK_D channels, all N states, one
+time segment); its threads hold the state h (N, BLOCK_D) in registers, 16 or 32 states of a
+channel per thread (one channel per lane up to N = 16, beyond that a few lanes share one), and
+advance it one time step at a time (one exp and three FMAs per state element).
 
-Backward: a program owns (one sequence, BLOCK_D channels), walks L in time blocks of BLOCK_T
-and, inside a block, solves the linear recurrences with ``tl.associative_scan`` over time on
-pairs (a, b) with combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2); N is walked in BLOCK_N
-slices so N up to 256 fits in registers. (The forward used this design too until session 5:
-10 ms where the walk takes 1.44 at D=2048, N=16, L=2K, 65,536 tokens on an H100.)
+Time segments (issue 26): the walk is parallel over (sequence, channel block) only, so a few
+long sequences leave the GPU idle (4.93 ms at L = 16K against 1.44 ms at 2K for the same
+65,536 tokens on an H100). When batch x D x N is below what fills the GPU (``_n_segments``),
+L is split into S segments of whole checkpoint blocks and the scan runs as a chunked scan:
+  1. each segment walks from a zero state, writing its final local state and its total decay
+     P = prod_t exp(delta_t A) (= exp(A sum_t delta_t); 0 when a document starts in it);
+  2. ``_segment_combine_kernel`` walks the S segments: h_in[s + 1] = P[s] h_in[s] + h_loc[s];
+  3. each segment walks again from its true entering state, writing y (and the checkpoints).
+Pass 1 computes no y, so the split costs ~1.6x the walk's work spread over S times the
+programs. With S = 1 (short L, or enough sequences) the single walk runs as before.
 
-Backward recomputes the states: the forward (when gradients are needed) keeps only the state
-at every block boundary, (batch, D, L / BLOCK_T, N) fp32; the backward walks the blocks in
-reverse, re-runs the forward scan of a block from its saved entering state and runs a reverse
-scan for the adjoint  dh_t = C_t g_t + a_{t+1} dh_{t+1}  (g = dL/dy before the gate).
-With  a_t h_{t-1} = h_t - b_t  every gradient is a local product:
+Backward, "walk" (the default since issue 26; ``bwd_impl="assoc"`` keeps the one before): a
+reverse walk in the forward's layout. The forward (when gradients are needed) keeps the state
+at every BLOCK_T = 64 boundary, (batch, D, L / BLOCK_T, N) fp32. A program owns (one sequence,
+BLOCK_D channels, one segment) and walks its blocks from the last: it recomputes the block's
+states at every KB = 4 step sub-block boundary into a small per-program scratch (L2), then for
+each sub-block from the last recomputes its KB states into registers and steps backward through
+them, carrying the adjoint  lam = a_{t+1} dh_{t+1}  (see the comment above the kernel). With
+S > 1 segments a first pass walks only the adjoint of each segment from zero (one exp, two FMAs
+per element and step) and a reverse combine, started at dL/d(last state), gives each segment
+the adjoint entering from its right, like the forward's states.
+
+Backward, "assoc": a program owns (one sequence, BLOCK_D channels), walks L in time blocks of
+BLOCK_T and, inside a block, solves the linear recurrences with ``tl.associative_scan`` over time
+on pairs (a, b) with combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2), N in BLOCK_N slices,
+recomputing each block's states from its checkpoint. 38 ms forward+backward against the
+forward's 1.44 (26x) at D = 2048, N = 16, 65,536 tokens, 553 ms at N = 256 (H100, session 11).
+
+Measured on an H100 (results/h100/scan_walk/README.md, `ssdbench bench scan`): at D = 2048,
+N = 16, 65,536 tokens the walk backward takes forward+backward to 14.1 ms (L = 2K) against the
+associative scan's 38.3 ms, still 9.4x the forward's 1.49 ms; with time segments the forward at
+L = 16K (batch 4) takes 2.38 ms against 4.93 before. N > 16 is not yet measured.
+
+Gradients: with  a_t h_{t-1} = h_t - b_t  every gradient is a local product:
     d delta_t = sum_n dh_t (h_t - b_t) A + sum_n dh_t B_t u_t
     dA[d, n]  = sum_t dh_t (h_t - b_t) delta_t
     dB_t[n]   = sum_d dh_t delta_t u_t,   dC_t[n] = sum_d h_t g_t,   du_t = sum_n dh_t delta_t B_t + D g_t
+with the adjoint  dh_t = C_t g_t + a_{t+1} dh_{t+1}  (g = dL/dy before the gate).
 
 Variable length (Mamba-2 §8.3): with ``seq_idx`` the decay a_t is 0 where seq_idx changes, so
-the state restarts from zero at each document boundary, with no padding.
+the state restarts from zero at each document boundary, with no padding; a segment's total
+decay is then 0 too, and the combines carry nothing across the boundary.
 """
 from __future__ import annotations
 
@@ -114,8 +138,8 @@ def _tile8(ys, BD: tl.constexpr):
 # lanes and every step paid 4 shuffle levels per channel; checked in the TTGIR for sm_90).
 @triton.jit(do_not_specialize=["s_Ad", "s_An"])
 def _selective_scan_fwd_walk_kernel(
-    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, y_ptr, st_ptr,
-    DIM, N, L, DPG, n_chunks, NB,  # NB = batch: only an autotuning key
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, y_ptr, st_ptr, h0_ptr, P_ptr,
+    DIM, N, L, DPG, n_chunks, NB, SEG,  # NB = batch: only an autotuning key; SEG: steps per time segment
     s_ub, s_ud, s_ul,
     s_db, s_dd, s_dl,
     s_Ad, s_An,
@@ -124,8 +148,10 @@ def _selective_scan_fwd_walk_kernel(
     s_yb, s_yd, s_yl,
     s_sb, s_sd, s_sc, s_sn,
     s_qb, s_ql,
+    s_hb, s_hs, s_hd, s_hn,  # h0 and P: (batch, S, D, N) fp32 per-segment buffers
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_SEQ: tl.constexpr, SAVE_ALL: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SAVE_ALL: tl.constexpr, LOCAL: tl.constexpr, HAS_H0: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_D: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Forward as a sequential walk over time: the state h^T (NP, BLOCK_D) stays in registers
@@ -138,16 +164,33 @@ def _selective_scan_fwd_walk_kernel(
     the D skip and the gate act on whole tiles. The state is stored at every BLOCK_T boundary
     (the backward's checkpoints; BLOCK_T is a multiple of K) when SAVE_ALL, and after the
     last step in every case (slot n_chunks - 1, or slot 0 of a one-slot buffer without
-    SAVE_ALL)."""
+    SAVE_ALL).
+
+    Time segments (grid axis 2; one segment, SEG >= L, unless the launcher splits L): the
+    program walks steps [pid_s SEG, min((pid_s + 1) SEG, L)). With LOCAL (pass 1 of the
+    time-parallel forward) it starts from h = 0, writes no y, and stores the segment's local
+    final state (slot pid_s of st_ptr, a (batch, S, D, N) buffer then) and its total decay
+    P = prod_t exp(delta_t A) = exp(A sum_t delta_t), 0 if a document starts inside the
+    segment or at its first step, to P_ptr. With HAS_H0 (pass 3) it starts from the entering
+    state h0[pid_s] that the combine computed. SEG is a multiple of BLOCK_T, so the
+    checkpoints of SAVE_ALL fall where the single walk puts them."""
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(K == 8, "the tile unpacking (_cols8, _tile8) is written for K = 8")
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    t_lo = pid_s * SEG
+    t_hi = tl.minimum(t_lo + SEG, L)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_mask = offs_d < DIM
     offs_n = tl.arange(0, NP)  # (NP,)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, K)  # (K,)
+    if IDX64:  # element offsets past 2^31 within a sequence (D L >= 2^31: D = 4096 at L = 2^20)
+        offs_k = tl.arange(0, K).to(tl.int64)  # (K,)
+        offs_d64 = offs_d.to(tl.int64)  # (BLOCK_D,)
+    else:  # 32-bit index math (the launcher checks the extents; 64-bit changed ptxas' allocation)
+        offs_k = tl.arange(0, K)  # (K,)
+        offs_d64 = offs_d
     mnd = n_mask[:, None] & d_mask[None, :]  # (NP, BLOCK_D)
     grp = (pid_d * BLOCK_D) // DPG  # the wrapper keeps a block inside one B/C group
 
@@ -157,21 +200,31 @@ def _selective_scan_fwd_walk_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
-    u_p = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud  # (BLOCK_D, 1)
-    dl_p = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
-    z_p = z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd
-    y_p = y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd
+    u_p = u_ptr + pid_b * s_ub + offs_d64[:, None] * s_ud  # (BLOCK_D, 1)
+    dl_p = delta_ptr + pid_b * s_db + offs_d64[:, None] * s_dd
+    z_p = z_ptr + pid_b * s_zb + offs_d64[:, None] * s_zd
+    y_p = y_ptr + pid_b * s_yb + offs_d64[:, None] * s_yd
     # B_t and C_t from one fp32 row of 2 NP values: constant offsets from one address per
     # step and no mask (read from the (batch, G, N, L) inputs, the bf16 loads, conversions and
     # per-state addresses were 180 of 420 instructions per step)
-    B_p = BC_ptr + pid_b * s_cb + grp * s_cg + offs_n  # (NP,)
+    if IDX64:
+        B_p = BC_ptr + pid_b * s_cb + grp.to(tl.int64) * s_cg + offs_n  # (NP,)
+    else:
+        B_p = BC_ptr + pid_b * s_cb + grp * s_cg + offs_n  # (NP,)
     C_p = B_p + NP
-    st_p = st_ptr + pid_b * s_sb + offs_n[:, None] * s_sn + offs_d[None, :] * s_sd  # (NP, BLOCK_D)
+    st_p = st_ptr + pid_b * s_sb + offs_n[:, None] * s_sn + offs_d64[None, :] * s_sd  # (NP, BLOCK_D)
 
-    h = tl.zeros([NP, BLOCK_D], dtype=tl.float32)  # (NP, BLOCK_D) = h^T
-    for t0 in range(0, L, K):
+    h0_off = pid_b * s_hb + pid_s * s_hs + offs_n[:, None] * s_hn + offs_d[None, :] * s_hd  # (NP, BLOCK_D)
+    if HAS_H0:
+        h = tl.load(h0_ptr + h0_off, mask=mnd, other=0.0)  # (NP, BLOCK_D) the true entering state
+    else:
+        h = tl.zeros([NP, BLOCK_D], dtype=tl.float32)  # (NP, BLOCK_D) = h^T
+    if LOCAL:
+        dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)  # (BLOCK_D,) sum of delta over the segment
+        alive = tl.full([BLOCK_D], 1.0, tl.float32)  # 0 once a document starts in the segment
+    for t0 in range(t_lo, t_hi, K):
         t = t0 + offs_k  # (K,)
-        m = d_mask[:, None] & (t < L)[None, :]  # (BLOCK_D, K)
+        m = d_mask[:, None] & (t < t_hi)[None, :]  # (BLOCK_D, K)
         u = tl.load(u_p + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)  # (BLOCK_D, K)
         dt = tl.load(dl_p + t[None, :] * s_dl, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -184,32 +237,46 @@ def _selective_scan_fwd_walk_kernel(
             q_prev = tl.load(seq_ptr + pid_b * s_qb + (t - 1) * s_ql, mask=(t >= 1) & (t < L), other=0)
             keep = tl.where((q == q_prev) | (t == 0), 1.0, 0.0)  # (K,) 0 where a document starts
             keeps = _cols8(keep[None, :] + tl.zeros([BLOCK_D, K], dtype=tl.float32), BLOCK_D)
+            if LOCAL:
+                alive = alive * tl.min(tl.where(t < t_hi, keep, 1.0), axis=0)
+        if LOCAL:
+            dt_sum += tl.sum(dt, axis=1)
         dts = _cols8(dt, BLOCK_D)
         dtus = _cols8(dt * u, BLOCK_D)
         ys = ()
         for k in tl.static_range(K):
-            Bt = tl.load(B_p + (t0 + k) * s_cl)  # (NP,) rows past L: the launcher's zero
-            Ct = tl.load(C_p + (t0 + k) * s_cl)  # padding up to a multiple of 16 steps
+            Bt = tl.load(B_p + (t0 + k) * s_cl)  # (NP,) rows past L: the launcher's zero padding
             a = exp2_ftz(dts[k][None, :] * A2)  # (NP, BLOCK_D)
             if HAS_SEQ:
                 a = a * keeps[k][None, :]  # a new document starts from a zero state
             h = a * h + Bt[:, None] * dtus[k][None, :]  # (NP, BLOCK_D)
-            ys = ys + (tl.sum(h * Ct[:, None], axis=0),)  # (BLOCK_D,)
-        y = _tile8(ys, BLOCK_D)  # (BLOCK_D, K)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            z = tl.load(z_p + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(y_p + t[None, :] * s_yl, y.to(y_ptr.dtype.element_ty), mask=m)
-        if SAVE_ALL:
-            t_end = tl.minimum(t0 + K, L)
-            if (t_end % BLOCK_T == 0) | (t_end == L):  # the checkpoint of block (t_end - 1) // BLOCK_T
-                tl.store(st_p + ((t_end - 1) // BLOCK_T) * s_sc, h, mask=mnd)
-    if not SAVE_ALL:
-        tl.store(st_p, h, mask=mnd)
+            if not LOCAL:  # pass 1 of the time-parallel forward needs the state only
+                Ct = tl.load(C_p + (t0 + k) * s_cl)  # (NP,) (L is padded to a multiple of 16 steps)
+                ys = ys + (tl.sum(h * Ct[:, None], axis=0),)  # (BLOCK_D,)
+        if not LOCAL:
+            y = _tile8(ys, BLOCK_D)  # (BLOCK_D, K)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                z = tl.load(z_p + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(y_p + t[None, :] * s_yl, y.to(y_ptr.dtype.element_ty), mask=m)
+            if SAVE_ALL:
+                t_end = tl.minimum(t0 + K, L)
+                if (t_end % BLOCK_T == 0) | (t_end == L):  # the checkpoint of block (t_end - 1) // BLOCK_T
+                    tl.store(st_p + ((t_end - 1) // BLOCK_T) * s_sc, h, mask=mnd)
+    if LOCAL:
+        # P = prod_t exp(delta_t A) = exp2(A log2(e) sum_t delta_t): one add per channel and
+        # step instead of one multiply per state element and step
+        P = exp2_ftz(A2 * dt_sum[None, :]) * alive[None, :]  # (NP, BLOCK_D)
+        tl.store(P_ptr + h0_off, P, mask=mnd)
+        tl.store(st_p + pid_s * s_sc, h, mask=mnd)
+    elif not SAVE_ALL:
+        tl.store(st_p + pid_s * s_sc, h, mask=mnd)  # segment pid_s's final state (the wrapper reads the last)
 
 
+# The associative-scan backward (bwd_impl="assoc"; the only one before issue 26), kept so the
+# two can be timed in one GPU run (ssdbench bench scan --bwd-impl walk assoc).
 @triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, st_ptr, dy_ptr, dlast_ptr,
@@ -361,6 +428,367 @@ def _selective_scan_bwd_kernel(
     tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=d_mask)
 
 
+@triton.jit
+def _segment_combine_kernel(loc_ptr, P_ptr, init_ptr, out_ptr, S, M, s_b, s_s,
+                            HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2 of the time-parallel scan: the sequential combine over S segments.
+
+    loc, P, out: (batch, S, M) fp32 with M = D N flattened (element (d, n) of a segment's
+    state); init: (batch, M). Forward (REVERSE false): out[s] = the state entering segment s,
+    out[0] = 0 and out[s + 1] = P[s] out[s] + loc[s] (loc: the segment's final state from a
+    zero start). Backward (REVERSE): the same recurrence from the last segment down, started
+    from init = dL/d(last state); out[s] is then the adjoint a_{t+1} dh_{t+1} entering segment
+    s from its right, and loc[s] the segment's a_{t0} dh_{t0} from a zero adjoint.
+    S is at most a few hundred and M elements are independent: one program per BLOCK elements
+    walks the segments (a few microseconds, against the passes' milliseconds)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    mask = offs < M
+    base = pid_b * s_b + offs
+    if HAS_INIT:
+        h = tl.load(init_ptr + pid_b * M + offs, mask=mask, other=0.0)  # (BLOCK,)
+    else:
+        h = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, S):
+        if REVERSE:
+            s = S - 1 - i
+        else:
+            s = i
+        tl.store(out_ptr + base + s * s_s, h, mask=mask)
+        h = tl.load(P_ptr + base + s * s_s, mask=mask, other=0.0) * h \
+            + tl.load(loc_ptr + base + s * s_s, mask=mask, other=0.0)
+
+
+# Backward as a reverse walk (bwd_impl="walk"). The layout is the forward walk's: a program owns
+# (one sequence, BLOCK_D channels, one time segment), holds (NP, BLOCK_D) tiles with the lanes
+# along the channels, and steps through time; no (BLOCK_D, N, BLOCK_T) tile and no
+# associative scan. Reverse order needs every state of a block in reverse: the forward's
+# checkpoints are BLOCK_T = 64 steps apart (a denser set would cost (batch, D, L / 16, N)
+# fp32: 8.6 GB at N = 256 and 65,536 tokens), so a block is recomputed in two levels:
+#   R: walk the block forward from its checkpoint and store the state at every KB-step
+#      sub-block boundary in a per-program scratch (BLOCK_T / KB states of (NP, BLOCK_D) fp32:
+#      16 KB at N = 16, BLOCK_D = 16, KB = 4; written and read back within the block, so it
+#      should stay in L2; 1 / KB of the traffic a per-step scratch would cost: that one, at
+#      8 bytes per state element and step, would move 17 GB at the benchmark's shape);
+#   B: for each sub-block from the last, reload its entering state, recompute its KB states
+#      into registers (a tuple, static indices) and walk them backward:
+#         dh_t  = C_t g_t + lam,   lam <- a_t dh_t          (lam = a_{t+1} dh_{t+1} on entry)
+#         w     = dh_t a_t h_{t-1}  (= dh_t (h_t - b_t))
+#         d delta_t = ln2 sum_n w A2 + u_t sum_n dh_t B_t,  du_t = delta_t sum_n dh_t B_t + D g_t
+#         dA   += w delta_t (registers),  dB_t = sum_d dh_t delta_t u_t,  dC_t = sum_d h_t g_t
+# Per state element and step that is ~3 exps and ~16 FMAs (the forward: 1 exp, 4 FMAs) and two
+# sums over the program's channels (dB_t, dC_t: across lanes), then one fp32 atomic add of
+# NP values per step and program for each of dB_t and dC_t (channels of other programs of the
+# same B/C group add into the same row: BLOCK_D x fewer atomics than mamba_ssm's CUDA
+# backward, which adds per channel). No state of the block goes to HBM except the scratch;
+# u, delta, z, dy are read as (BLOCK_D, KB) tiles like the forward's.
+@triton.jit
+def _tile4(ys, BD: tl.constexpr):
+    """A tuple of 4 (BD,) vectors -> the (BD, 4) tile."""
+    return _cat(_cat(ys[0], ys[1], BD, 2), _cat(ys[2], ys[3], BD, 2), BD, 4)
+
+
+@triton.jit
+def _bwd_tiles(u_ptr, delta_ptr, z_ptr, dy_ptr, bias, b_off_u, b_off_dl, b_off_z, b_off_o,
+               offs_d, d_mask, t, t_hi, s_ud, s_ul, s_dd, s_dl, s_zd, s_zl, s_od, s_ol,
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOAD_U: tl.constexpr):
+    """The (BLOCK_D, KB) tiles of one sub-block: u (if LOAD_U, else 0), delta (after bias,
+    softplus; 0 past the segment), its raw value (for softplus' derivative), z and
+    g = dL/dy before the gate."""
+    m = d_mask[:, None] & (t < t_hi)[None, :]  # (BLOCK_D, KB)
+    if LOAD_U:
+        u = tl.load(u_ptr + b_off_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
+    else:
+        u = 0.0  # unused (pass 1 of the time-parallel backward)
+    dt_raw = tl.load(delta_ptr + b_off_dl + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw = dt_raw + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(dt_raw)
+    else:
+        dt = dt_raw
+    dt = tl.where(m, dt, 0.0)  # (BLOCK_D, KB) steps past the segment: decay 1, no input
+    dy = tl.load(dy_ptr + b_off_o + offs_d[:, None] * s_od + t[None, :] * s_ol, mask=m, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b_off_z + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
+        g = dy * z * tl.sigmoid(z)  # (BLOCK_D, KB)
+    else:
+        z = dy
+        g = dy
+    return m, u, dt, dt_raw, z, dy, g
+
+
+@triton.jit
+def _keep(seq_ptr, q_base, s_ql, t, L):
+    """(KB,) 1.0, or 0.0 at a step where a new document starts (seq_idx changes)."""
+    q = tl.load(seq_ptr + q_base + t * s_ql, mask=t < L, other=0)
+    q_prev = tl.load(seq_ptr + q_base + (t - 1) * s_ql, mask=(t >= 1) & (t < L), other=0)
+    return tl.where((q == q_prev) | (t == 0), 1.0, 0.0)
+
+
+@triton.jit(do_not_specialize=["s_Ad", "s_An"])
+def _selective_scan_bwd_walk_kernel(
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, st_ptr, dy_ptr, lam_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dA_ptr, dDb_ptr, scr_ptr,
+    DIM, N, L, DPG, SEG, NB,  # NB = batch: only an autotuning key
+    s_ub, s_ud, s_ul,
+    s_db, s_dd, s_dl,
+    s_Ad, s_An,
+    s_cb, s_cg, s_cl,  # BC and dBC: (batch, G, Lp, 2, NP) fp32 (B_t = [.., t, 0], C_t = [.., t, 1])
+    s_zb, s_zd, s_zl,
+    s_ob, s_od, s_ol,  # dy, du, ddelta, dz: one set of strides (batch, D, L)
+    s_sb, s_sd, s_sc, s_sn,  # forward checkpoints (batch, D, n_chunks, N)
+    s_qb, s_ql,
+    s_lb, s_ls, s_ld, s_ln,  # lam_in and dA partials: (batch, S, D, N) fp32
+    s_eb, s_es,  # dD, d delta_bias partials: (batch, S, 2, D) fp32
+    s_xb, s_xs, s_xj, s_xn,  # scratch (batch, S, BLOCK_T / KB, NP, D) fp32, D contiguous
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_LAM: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, KB: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Backward of one (sequence, BLOCK_D channels, time segment) as a reverse walk (above)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    NSUB: tl.constexpr = BLOCK_T // KB
+    tl.static_assert(KB == 4, "the tile unpacking (_cols4, _tile4) is written for KB = 4")
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    t_lo = pid_s * SEG  # a multiple of BLOCK_T
+    t_hi = tl.minimum(t_lo + SEG, L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_mask = offs_d < DIM
+    offs_n = tl.arange(0, NP)  # (NP,)
+    n_mask = offs_n < N
+    if IDX64:  # as the forward's
+        offs_k = tl.arange(0, KB).to(tl.int64)  # (KB,)
+        offs_d64 = offs_d.to(tl.int64)  # (BLOCK_D,)
+    else:
+        offs_k = tl.arange(0, KB)
+        offs_d64 = offs_d
+    mnd = n_mask[:, None] & d_mask[None, :]  # (NP, BLOCK_D)
+    grp = (pid_d * BLOCK_D) // DPG
+
+    A2 = tl.load(A_ptr + offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask=mnd, other=0.0).to(tl.float32) * LOG2E  # (NP, BLOCK_D)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_off_u = pid_b * s_ub
+    b_off_dl = pid_b * s_db
+    b_off_z = pid_b * s_zb
+    b_off_o = pid_b * s_ob
+    q_base = pid_b * s_qb
+    if IDX64:
+        grp_off = grp.to(tl.int64) * s_cg
+        pid_s64 = pid_s.to(tl.int64)
+    else:
+        grp_off = grp * s_cg
+        pid_s64 = pid_s
+    B_p = BC_ptr + pid_b * s_cb + grp_off + offs_n  # (NP,)
+    dB_p = dBC_ptr + pid_b * s_cb + grp_off + offs_n  # (NP,)
+    st_p = st_ptr + pid_b * s_sb + offs_n[:, None] * s_sn + offs_d64[None, :] * s_sd  # (NP, BLOCK_D)
+    scr_p = scr_ptr + pid_b * s_xb + pid_s64 * s_xs + offs_n[:, None] * s_xn + offs_d64[None, :]  # (NP, BLOCK_D)
+    seg_off = pid_b * s_lb + pid_s64 * s_ls + offs_n[:, None] * s_ln + offs_d64[None, :] * s_ld  # (NP, BLOCK_D)
+    if HAS_LAM:  # a_{t+1} dh_{t+1} entering from the right: dL/d(last state), or the combine's
+        lam = tl.load(lam_ptr + seg_off, mask=mnd, other=0.0)  # (NP, BLOCK_D)
+    else:
+        lam = tl.zeros([NP, BLOCK_D], dtype=tl.float32)
+    dA = tl.zeros([NP, BLOCK_D], dtype=tl.float32)  # (NP, BLOCK_D)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    one = tl.full([KB], 1.0, tl.float32)  # (KB,) keep without seq_idx
+
+    c_lo = t_lo // BLOCK_T
+    c_hi = tl.cdiv(t_hi, BLOCK_T)
+    for cc in range(c_lo, c_hi):
+        c = c_hi - 1 - (cc - c_lo)  # the segment's blocks from the last
+        bt_lo = c * BLOCK_T
+        n_sub = tl.cdiv(tl.minimum(bt_lo + BLOCK_T, t_hi) - bt_lo, KB)  # sub-blocks holding steps
+        # R: the block's states at its sub-block boundaries, from the forward's checkpoint.
+        first = (tl.zeros([NP, BLOCK_D], dtype=tl.int32) + c) == 0  # (NP, BLOCK_D) block 0 starts from 0
+        h = tl.load(st_p + (c - 1) * s_sc, mask=mnd & (first == 0), other=0.0)  # (NP, BLOCK_D)
+        tl.store(scr_p, h, mask=mnd)
+        for j in range(1, n_sub):
+            t = bt_lo + (j - 1) * KB + offs_k  # (KB,)
+            m = d_mask[:, None] & (t < t_hi)[None, :]  # (BLOCK_D, KB)
+            u = tl.load(u_ptr + b_off_u + offs_d64[:, None] * s_ud + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
+            dt = tl.load(delta_ptr + b_off_dl + offs_d64[:, None] * s_dd + t[None, :] * s_dl, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias[:, None]
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(m, dt, 0.0)
+            if HAS_SEQ:
+                keep = _keep(seq_ptr, q_base, s_ql, t, L)
+            else:
+                keep = one
+            keeps = _cols4(keep[None, :] + tl.zeros([BLOCK_D, KB], dtype=tl.float32), BLOCK_D)
+            dts = _cols4(dt, BLOCK_D)
+            dtus = _cols4(dt * u, BLOCK_D)
+            for k in tl.static_range(KB):
+                Bt = tl.load(B_p + (bt_lo + (j - 1) * KB + k) * s_cl)  # (NP,)
+                a = exp2_ftz(dts[k][None, :] * A2) * keeps[k][None, :]  # (NP, BLOCK_D)
+                h = a * h + Bt[:, None] * dtus[k][None, :]
+            tl.store(scr_p + j * s_xj, h, mask=mnd)
+        tl.debug_barrier()
+        # B: the sub-blocks from the last, each recomputed into registers and walked backward.
+        for jj in range(0, n_sub):
+            j = n_sub - 1 - jj
+            tb = bt_lo + j * KB
+            t = tb + offs_k  # (KB,)
+            h_in = tl.load(scr_p + j * s_xj, mask=mnd, other=0.0)  # (NP, BLOCK_D)
+            m, u, dt, dt_raw, z, dy, g = _bwd_tiles(
+                u_ptr, delta_ptr, z_ptr, dy_ptr, bias, b_off_u, b_off_dl, b_off_z, b_off_o,
+                offs_d64, d_mask, t, t_hi, s_ud, s_ul, s_dd, s_dl, s_zd, s_zl, s_od, s_ol,
+                HAS_Z, HAS_BIAS, SOFTPLUS, True)
+            if HAS_SEQ:
+                keep = _keep(seq_ptr, q_base, s_ql, t, L)
+            else:
+                keep = one
+            keeps = _cols4(keep[None, :] + tl.zeros([BLOCK_D, KB], dtype=tl.float32), BLOCK_D)
+            dts = _cols4(dt, BLOCK_D)
+            dtus = _cols4(dt * u, BLOCK_D)
+            us = _cols4(u, BLOCK_D)
+            gs = _cols4(g, BLOCK_D)
+            # forward over the sub-block: its KB states in registers
+            hs = ()
+            hk = h_in
+            for k in tl.static_range(KB):
+                Bt = tl.load(B_p + (tb + k) * s_cl)  # (NP,)
+                a = exp2_ftz(dts[k][None, :] * A2) * keeps[k][None, :]
+                hk = a * hk + Bt[:, None] * dtus[k][None, :]  # (NP, BLOCK_D)
+                hs = hs + (hk,)
+            # backward over the sub-block
+            ddts = ()
+            dus = ()
+            yps = ()
+            for r in tl.static_range(KB - 1, -1, -1):  # the sub-block's steps from the last
+                Bt = tl.load(B_p + (tb + r) * s_cl)  # (NP,)
+                Ct = tl.load(B_p + NP + (tb + r) * s_cl)  # (NP,)
+                a = exp2_ftz(dts[r][None, :] * A2) * keeps[r][None, :]  # (NP, BLOCK_D) a_t
+                if r == 0:
+                    h_prev = h_in
+                else:
+                    h_prev = hs[r - 1]
+                dh = Ct[:, None] * gs[r][None, :] + lam  # (NP, BLOCK_D)
+                w = dh * a * h_prev  # dh_t a_t h_{t-1}
+                dA += w * dts[r][None, :]
+                dhB = tl.sum(dh * Bt[:, None], axis=0)  # (BLOCK_D,)
+                ddts = (tl.sum(w * A2, axis=0) * LN2 + dhB * us[r],) + ddts
+                dus = (dhB * dts[r],) + dus
+                yps = (tl.sum(hs[r] * Ct[:, None], axis=0),) + yps
+                dB_t = tl.sum(dh * dtus[r][None, :], axis=1)  # (NP,) over this program's channels
+                dC_t = tl.sum(hs[r] * gs[r][None, :], axis=1)  # (NP,)
+                live = n_mask & ((offs_n * 0 + tb + r) < t_hi)  # (NP,) (a tensor: the interpreter rejects scalar masks)
+                tl.atomic_add(dB_p + (tb + r) * s_cl, dB_t, mask=live, sem="relaxed")
+                tl.atomic_add(dB_p + NP + (tb + r) * s_cl, dC_t, mask=live, sem="relaxed")
+                lam = a * dh
+            ddt = _tile4(ddts, BLOCK_D)  # (BLOCK_D, KB)
+            du = _tile4(dus, BLOCK_D)
+            o_off = b_off_o + offs_d64[:, None] * s_od + t[None, :] * s_ol  # (BLOCK_D, KB)
+            if HAS_D:
+                du += Dv[:, None] * g
+            if HAS_Z:
+                y_pre = _tile4(yps, BLOCK_D)
+                if HAS_D:
+                    y_pre += Dv[:, None] * u
+                sig_z = tl.sigmoid(z)
+                dz = dy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(dz_ptr + o_off, dz.to(dz_ptr.dtype.element_ty), mask=m)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dt_raw)
+            ddt = tl.where(m, ddt, 0.0)
+            tl.store(ddelta_ptr + o_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+            tl.store(du_ptr + o_off, du.to(du_ptr.dtype.element_ty), mask=m)
+            dD_acc += tl.sum(g * u, axis=1)
+            dbias_acc += tl.sum(ddt, axis=1)
+        tl.debug_barrier()  # the next block's R overwrites the scratch this block's B read
+    tl.store(dA_ptr + seg_off, dA, mask=mnd)  # this segment's sum_t dh_t a_t h_{t-1} delta_t
+    e_off = pid_b * s_eb + pid_s * s_es + offs_d
+    tl.store(dDb_ptr + e_off, dD_acc, mask=d_mask)
+    tl.store(dDb_ptr + e_off + DIM, dbias_acc, mask=d_mask)
+
+
+@triton.jit(do_not_specialize=["s_Ad", "s_An"])
+def _selective_scan_bwd_seg_kernel(
+    delta_ptr, A_ptr, BC_ptr, z_ptr, bias_ptr, seq_ptr, dy_ptr, mu_ptr, P_ptr,
+    DIM, N, L, DPG, SEG, NB,
+    s_db, s_dd, s_dl,
+    s_Ad, s_An,
+    s_cb, s_cg, s_cl,
+    s_zb, s_zd, s_zl,
+    s_ob, s_od, s_ol,
+    s_qb, s_ql,
+    s_lb, s_ls, s_ld, s_ln,  # mu and P: (batch, S, D, N) fp32
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    IDX64: tl.constexpr,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, KB: tl.constexpr,
+):
+    """Pass 1 of the time-parallel backward: the adjoint alone, walked backward over a segment
+    from lam = 0 (dh_t = C_t g_t + lam, lam <- a_t dh_t: one exp and two FMAs per state
+    element and step, no state recompute), giving mu = the segment's a_{t0} dh_{t0} for a
+    zero adjoint from the right, and the segment's total decay P (as the forward's pass 1)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    tl.static_assert(KB == 4, "the tile unpacking is written for KB = 4")
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    t_lo = pid_s * SEG
+    t_hi = tl.minimum(t_lo + SEG, L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_mask = offs_d < DIM
+    offs_n = tl.arange(0, NP)
+    n_mask = offs_n < N
+    if IDX64:
+        offs_k = tl.arange(0, KB).to(tl.int64)
+        offs_d64 = offs_d.to(tl.int64)
+    else:
+        offs_k = tl.arange(0, KB)
+        offs_d64 = offs_d
+    mnd = n_mask[:, None] & d_mask[None, :]  # (NP, BLOCK_D)
+    grp = (pid_d * BLOCK_D) // DPG
+    A2 = tl.load(A_ptr + offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask=mnd, other=0.0).to(tl.float32) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if IDX64:
+        C_p = BC_ptr + pid_b * s_cb + grp.to(tl.int64) * s_cg + NP + offs_n  # (NP,)
+    else:
+        C_p = BC_ptr + pid_b * s_cb + grp * s_cg + NP + offs_n  # (NP,)
+    lam = tl.zeros([NP, BLOCK_D], dtype=tl.float32)  # (NP, BLOCK_D)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    alive = tl.full([BLOCK_D], 1.0, tl.float32)
+    one = tl.full([KB], 1.0, tl.float32)
+    n_tiles = tl.cdiv(t_hi - t_lo, KB)
+    for jj in range(0, n_tiles):
+        tb = t_lo + (n_tiles - 1 - jj) * KB
+        t = tb + offs_k  # (KB,)
+        m, _, dt, dt_raw, z, dy, g = _bwd_tiles(
+            dy_ptr, delta_ptr, z_ptr, dy_ptr, bias, 0, pid_b * s_db, pid_b * s_zb, pid_b * s_ob,
+            offs_d64, d_mask, t, t_hi, s_od, s_ol, s_dd, s_dl, s_zd, s_zl, s_od, s_ol,
+            HAS_Z, HAS_BIAS, SOFTPLUS, False)
+        if HAS_SEQ:
+            keep = _keep(seq_ptr, pid_b * s_qb, s_ql, t, L)
+            alive = alive * tl.min(tl.where(t < t_hi, keep, 1.0), axis=0)
+        else:
+            keep = one
+        keeps = _cols4(keep[None, :] + tl.zeros([BLOCK_D, KB], dtype=tl.float32), BLOCK_D)
+        dt_sum += tl.sum(dt, axis=1)
+        dts = _cols4(dt, BLOCK_D)
+        gs = _cols4(g, BLOCK_D)
+        for k in tl.static_range(KB - 1, -1, -1):
+            Ct = tl.load(C_p + (tb + k) * s_cl)  # (NP,)
+            a = exp2_ftz(dts[k][None, :] * A2) * keeps[k][None, :]
+            lam = a * (Ct[:, None] * gs[k][None, :] + lam)
+    off = pid_b * s_lb + pid_s * s_ls + offs_n[:, None] * s_ln + offs_d[None, :] * s_ld
+    tl.store(mu_ptr + off, lam, mask=mnd)
+    tl.store(P_ptr + off, exp2_ftz(A2 * dt_sum[None, :]) * alive[None, :], mask=mnd)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
@@ -410,33 +838,110 @@ def _walk_candidates(N: int) -> tuple:
 
 
 _WALK_K = 8  # time steps per tile of the forward walk (16 ran out of registers: ptxas, sm_90)
+_BWD_KB = 4  # steps per sub-block of the backward walk: KB states of (NP, BLOCK_D) live in registers
+
+
+def _bwd_walk_candidates(N: int) -> tuple:
+    """(BLOCK_D, num_warps) of the backward walk: 8 or 4 of a channel's states per thread
+    (NP / 8 or NP / 4 lanes per channel), 1 or 2 warps. The backward holds KB + 4 tiles of
+    (NP, BLOCK_D) (KB states, lam/dh, dA, A2, the step's products) where the forward holds
+    about 3. Compiled for sm_90 without a GPU (triton 3.9's triton.compile with
+    GPUTarget("cuda", 90, 32), then cuobjdump --dump-resource-usage; all options on, N = 16):
+    16 states per thread used 255 registers and spilled 992 bytes (408 at N = 256); 8 per
+    thread 254 registers and no spill, 4 per thread 166. Wider programs mean fewer dB/dC
+    atomics (one row of NP per step and program) but fewer programs; the autotuner picks.
+    Unmeasured on a GPU when written."""
+    NP = triton.next_power_of_2(N)
+    return tuple(dict.fromkeys((max(1, 32 * nw * e // NP), nw) for e in sorted({min(NP, 8), min(NP, 4)}) for nw in (1, 2)))
+
+
+# Time segments. The walk is parallel over (sequence, channel block) only: at 65,536 tokens and
+# D = 2048 on the H100 (results/h100/session11/scan_bench_call6.md) the forward took 1.44 ms with
+# batch x D = 65,536 sequence-channels (L = 2K), 1.52 ms with 32,768 (L = 4K), then 2.58 ms with
+# 16,384 (L = 8K) and 4.93 ms with 8,192 (L = 16K): below ~32K sequence-channels at N = 16
+# (about 1024 one-warp programs, 8 per SM, too few warps to hide the exp and load latency of a
+# dependent chain) the GPU idles. A state-heavier N fills it with fewer channels (NP / 16
+# lanes per channel), so the measure is sequence-channel-states. Splitting L into S segments
+# costs a second walk (pass 1 computes no y, so ~1.6x the work in all) plus the combine: it is
+# used only below the fill point. 1024 one-warp programs are one wave (the walk at N = 16 uses
+# 254 registers, ptxas sm_90: 8 warps per SM); 2 waves ran 5 % faster than one (L = 2K vs
+# 4K), and once L is split, more segments cost only their combine and per-segment set-up, so
+# S is the smallest power of two reaching 2 waves, with segments of at least _MIN_SEG_BLOCKS
+# checkpoint blocks (256 steps on the GPU) so that the per-segment work (loading A, storing
+# two (N, BLOCK_D) states, one combine step) stays a few percent of the walk.
+_FILL_WORK = 32768 * 16  # batch x D x max(NP, 16) at which one walk over L fills an H100
+_MIN_SEG_BLOCKS = 4
+FORCE_SEGMENTS = None  # tests and benchmarks: force this many segments (None = the rule above)
+BWD_IMPL = "walk"  # default backward: "walk" (reverse walk) or "assoc" (associative scan, before issue 26)
+
+
+def _n_segments(batch: int, dim: int, L: int, N: int, block_t: int) -> tuple:
+    """(S, SEG): the number of time segments and their length (a multiple of block_t)."""
+    if FORCE_SEGMENTS is not None:
+        S = max(1, int(FORCE_SEGMENTS))
+    else:
+        work = batch * dim * max(triton.next_power_of_2(N), 16)
+        S = 1
+        if work < _FILL_WORK:
+            while work * S < 2 * _FILL_WORK:
+                S *= 2
+        S = max(1, min(S, L // (block_t * _MIN_SEG_BLOCKS)))
+    seg = triton.cdiv(triton.cdiv(L, S), block_t) * block_t
+    return triton.cdiv(L, seg), seg
+
+
+_KERNELS = {"fwd": "_selective_scan_fwd_walk_kernel", "bwd": "_selective_scan_bwd_kernel",
+            "bwd_walk": "_selective_scan_bwd_walk_kernel", "bwd_seg": "_selective_scan_bwd_seg_kernel",
+            "combine": "_segment_combine_kernel"}
+_EXTRA = {"fwd": dict(K=_WALK_K), "bwd_walk": dict(KB=_BWD_KB), "bwd_seg": dict(KB=_BWD_KB)}
+_KEYS = {"fwd": ["DIM", "N", "L", "DPG", "NB", "SEG", "LOCAL"], "bwd": ["DIM", "N", "L", "DPG"],
+         "bwd_walk": ["DIM", "N", "L", "DPG", "NB", "SEG"], "bwd_seg": ["DIM", "N", "L", "DPG", "NB", "SEG"]}
 
 
 def _kernel(kind: str):
-    return _selective_scan_fwd_walk_kernel if kind == "fwd" else _selective_scan_bwd_kernel
+    return globals()[_KERNELS[kind]]
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, configs: tuple):
     fn = _kernel(kind)
-    extra = dict(K=_WALK_K) if kind == "fwd" else {}
+    extra = _EXTRA.get(kind, {})
     cfgs = [triton.Config({"BLOCK_D": bd, **extra}, num_warps=nw) for bd, nw in configs]
-    reset = ["dB_ptr", "dC_ptr"] if kind == "bwd" else None
-    key = ["DIM", "N", "L", "DPG"] + (["NB"] if kind == "fwd" else [])
-    return autotune(cfgs, key=key, reset_to_zero=reset)(fn)
+    reset = {"bwd": ["dB_ptr", "dC_ptr"], "bwd_walk": ["dBC_ptr"]}.get(kind)
+    return autotune(cfgs, key=_KEYS[kind], reset_to_zero=reset)(fn)
 
 
-def _launch(kind: str, dim: int, G: int, batch: int, N: int, args: tuple, kwargs: dict):
+def _launch(kind: str, dim: int, G: int, batch: int, N: int, args: tuple, kwargs: dict, S: int = 1):
+    """Launch a scan kernel on a (batch, channel blocks[, segments]) grid."""
+    seg = (S,) if kind != "bwd" else ()
     if interpreting():
         bd = min(4, triton.next_power_of_2(dim))
         configs = _allowed_block_d(dim, G, ((bd, 4),))
         bd = configs[0][0]
-        extra = dict(K=_WALK_K) if kind == "fwd" else {}
-        _kernel(kind)[(batch, triton.cdiv(dim, bd))](*args, **kwargs, BLOCK_D=bd, **extra)
+        _kernel(kind)[(batch, triton.cdiv(dim, bd)) + seg](*args, **kwargs, BLOCK_D=bd, **_EXTRA.get(kind, {}))
         return
-    configs = _allowed_block_d(dim, G, _walk_candidates(N) if kind == "fwd" else _GPU_CANDIDATES)
-    grid = lambda meta: (batch, triton.cdiv(dim, meta["BLOCK_D"]))  # noqa: E731
+    cands = {"fwd": _walk_candidates(N), "bwd": _GPU_CANDIDATES}.get(kind) or _bwd_walk_candidates(N)
+    configs = _allowed_block_d(dim, G, cands)
+    grid = lambda meta: (batch, triton.cdiv(dim, meta["BLOCK_D"])) + seg  # noqa: E731
     _tuned(kind, configs)[grid](*args, **kwargs)
+
+
+def _idx64(*tensors) -> bool:
+    """Whether an element offset inside one sequence of these tensors (the batch offset is
+    64-bit in the kernels already) may pass 2^30 (half of int32, a margin for the
+    masked steps past L): the kernels then do their index math in 64 bits."""
+    return any(t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**30
+               for t in tensors)
+
+
+def _combine(loc, P, out, init, reverse: bool):
+    """Pass 2: the sequential combine over segments of (batch, S, D, N) fp32 buffers."""
+    batch, S = loc.shape[:2]
+    M = loc.shape[2] * loc.shape[3]
+    BLOCK = 256 if interpreting() else 1024
+    _segment_combine_kernel[(batch, triton.cdiv(M, BLOCK))](
+        loc, P, init if init is not None else loc, out, S, M, loc.stride(0), loc.stride(1),
+        HAS_INIT=init is not None, REVERSE=reverse, BLOCK=BLOCK, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,16 +1031,17 @@ def _strides(t, n):
 class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seq_idx, need_grad):
+    def forward(ctx, u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seq_idx, need_grad, bwd_impl):
         ctx.set_materialize_grads(False)  # unused outputs (often last_state) arrive as None
         batch, dim, L = u.shape  # (batch, D, L)
         G, N = B4.shape[1], A.shape[1]  # B4, C4: (batch, G, N, L)
         BT = _block_t()
         n_chunks = triton.cdiv(L, BT)
+        S, SEG = _n_segments(batch, dim, L, N, BT)
         save = bool(need_grad)  # keep the block-boundary states only when a backward will come
         # with save: the state after every BT-block (the last slot holds the final state);
-        # without: the final state only
-        n_slots = n_chunks if save else 1
+        # without: each segment's final state (the last segment's is the sequence's)
+        n_slots = n_chunks if save else S
         states = torch.empty((batch, dim, n_slots, N), device=u.device, dtype=torch.float32)  # (batch, D, slots, N)
         y = torch.empty((batch, dim, L), device=u.device, dtype=u.dtype)  # (batch, D, L)
         NP = triton.next_power_of_2(N)
@@ -548,36 +1054,122 @@ class SelectiveScanFn(torch.autograd.Function):
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
         dummy = u
-        args = (u, delta, A, BC, D if D is not None else dummy, z if z is not None else dummy,
-                delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
-                y, states, dim, N, L, dim // G, n_chunks, batch,
-                *u.stride(), *delta.stride(), *A.stride(), *BC.stride()[:3], *_strides(z, 3),
-                *y.stride(), *states.stride(), *_strides(seq_idx, 2))
+        head = (u, delta, A, BC, D if D is not None else dummy, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, y)
+        sizes = (dim, N, L, dim // G, n_chunks, batch, SEG)
+        in_strides = (*u.stride(), *delta.stride(), *A.stride(), *BC.stride()[:3], *_strides(z, 3), *y.stride())
         kwargs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                      SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq_idx is not None, SAVE_ALL=save,
-                      BLOCK_T=BT, NP=NP)
-        _launch("fwd", dim, G, batch, N, args, kwargs)
+                      SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq_idx is not None, BLOCK_T=BT, NP=NP,
+                      IDX64=_idx64(u, delta, z, y, states, BC))
+        if S == 1:
+            args = (*head, states, dummy, dummy, *sizes, *in_strides, *states.stride(),
+                    *_strides(seq_idx, 2), 0, 0, 0, 0)
+            _launch("fwd", dim, G, batch, N, args, dict(kwargs, SAVE_ALL=save, LOCAL=False, HAS_H0=False))
+        else:
+            # Time-parallel forward. Pass 1: each segment from a zero state -> its local final
+            # state and total decay; pass 2: combine -> each segment's entering state; pass 3:
+            # the walk again from the true entering states, writing y (and the checkpoints).
+            f32 = dict(device=u.device, dtype=torch.float32)
+            h_loc = torch.empty((batch, S, dim, N), **f32)  # (batch, S, D, N)
+            P = torch.empty((batch, S, dim, N), **f32)  # (batch, S, D, N) prod_t exp(delta_t A)
+            h_in = torch.empty((batch, S, dim, N), **f32)  # (batch, S, D, N) entering states
+            hs = h_loc.stride()
+            args = (*head, h_loc, dummy, P, *sizes, *in_strides, hs[0], hs[2], hs[1], hs[3],
+                    *_strides(seq_idx, 2), *hs)
+            _launch("fwd", dim, G, batch, N, args, dict(kwargs, SAVE_ALL=False, LOCAL=True, HAS_H0=False), S)
+            _combine(h_loc, P, h_in, None, reverse=False)
+            args = (*head, states, h_in, dummy, *sizes, *in_strides, *states.stride(),
+                    *_strides(seq_idx, 2), *h_in.stride())
+            _launch("fwd", dim, G, batch, N, args, dict(kwargs, SAVE_ALL=save, LOCAL=False, HAS_H0=True), S)
         last_state = states[:, :, n_slots - 1]  # (batch, D, N)
         if save:
-            ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states)
+            ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states, BC)
             ctx.delta_softplus = bool(delta_softplus)
             ctx.n_chunks, ctx.BT = n_chunks, BT
+            ctx.bwd_impl = bwd_impl
         return y, last_state.clone()
 
     @staticmethod
     def backward(ctx, dy, dlast):
-        u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
+        u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states, BC = ctx.saved_tensors
         batch, dim, L = u.shape
         G, N = B4.shape[1], A.shape[1]
         dev = u.device
         if dy is None:
             dy = torch.zeros((batch, dim, L), device=dev, dtype=u.dtype)
-        f32 = dict(device=dev, dtype=torch.float32)
         du = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)  # (batch, D, L)
         ddelta = torch.empty((batch, dim, L), device=dev, dtype=delta.dtype)  # (batch, D, L)
         dz = torch.empty((batch, dim, L), device=dev, dtype=z.dtype) if z is not None else None
-        if dy.stride() != du.stride():  # the kernel indexes dy, du, ddelta, dz with one set of strides
+        if dy.stride() != du.stride():  # the kernels index dy, du, ddelta, dz with one set of strides
             dy = torch.empty_like(du, dtype=dy.dtype).copy_(dy)  # (batch, D, L)
+        impl = ctx.bwd_impl
+        if impl == "assoc":
+            dA, dB, dC, dD, dbias = SelectiveScanFn._backward_assoc(ctx, u, delta, A, B4, C4, D, z, delta_bias,
+                                                                    seq_idx, states, dy, dlast, du, ddelta, dz)
+        else:
+            dA, dB, dC, dD, dbias = SelectiveScanFn._backward_walk(ctx, u, delta, A, B4, C4, D, z, delta_bias,
+                                                                   seq_idx, states, BC, dy, dlast, du, ddelta, dz)
+        dA = dA.to(A.dtype)  # (D, N)
+        dD = dD.to(D.dtype) if D is not None else None
+        dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
+
+    @staticmethod
+    def _backward_walk(ctx, u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states, BC, dy, dlast, du, ddelta, dz):
+        batch, dim, L = u.shape
+        G, N = B4.shape[1], A.shape[1]
+        NP = BC.shape[-1]
+        BT = ctx.BT
+        S, SEG = _n_segments(batch, dim, L, N, BT)
+        f32 = dict(device=u.device, dtype=torch.float32)
+        dummy = u
+        has_dlast = dlast is not None
+        if has_dlast:
+            dlast = dlast.float().contiguous()  # (batch, D, N)
+        scratch = torch.empty((batch, S, BT // _BWD_KB, NP, dim), **f32)  # (batch, S, BT / KB, NP, D)
+        kw = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
+                  HAS_SEQ=seq_idx is not None, NP=NP, IDX64=_idx64(u, delta, z, dy, states, BC, scratch))
+        if S == 1:
+            lam = dlast[:, None] if has_dlast else None  # (batch, 1, D, N)
+        else:
+            # Time-parallel backward. Pass 1: each segment's adjoint from a zero one on its
+            # right (mu = a_{t0} dh_{t0}) and its total decay; pass 2: combine from the last
+            # segment, started at dL/d(last state) -> the adjoint entering each segment.
+            mu = torch.empty((batch, S, dim, N), **f32)  # (batch, S, D, N)
+            P = torch.empty((batch, S, dim, N), **f32)  # (batch, S, D, N)
+            lam = torch.empty((batch, S, dim, N), **f32)  # (batch, S, D, N)
+            args = (delta, A, BC, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+                    seq_idx if seq_idx is not None else dummy, dy, mu, P, dim, N, L, dim // G, SEG, batch,
+                    *delta.stride(), *A.stride(), *BC.stride()[:3], *_strides(z, 3), *dy.stride(),
+                    *_strides(seq_idx, 2), mu.stride(0), mu.stride(1), mu.stride(2), mu.stride(3))
+            _launch("bwd_seg", dim, G, batch, N, args, kw, S)
+            _combine(mu, P, lam, dlast, reverse=True)
+        dBC = torch.zeros_like(BC)  # (batch, G, Lp, 2, NP) fp32: dB_t, dC_t rows, atomically summed over channels
+        dA_part = torch.empty((batch, S, dim, N), **f32)  # (batch, S, D, N) per (sequence, segment)
+        dDb = torch.empty((batch, S, 2, dim), **f32)  # (batch, S, 2, D): dD and d delta_bias partials
+        lam_t = lam if lam is not None else dA_part
+        args = (u, delta, A, BC, D if D is not None else dummy, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
+                states, dy, lam_t, du, ddelta, dz if dz is not None else du, dBC, dA_part, dDb, scratch,
+                dim, N, L, dim // G, SEG, batch,
+                *u.stride(), *delta.stride(), *A.stride(), *BC.stride()[:3], *_strides(z, 3), *dy.stride(),
+                *states.stride(), *_strides(seq_idx, 2),
+                lam_t.stride(0), lam_t.stride(1), lam_t.stride(2), lam_t.stride(3),
+                dDb.stride(0), dDb.stride(1), *scratch.stride()[:4])
+        assert lam is None or lam.stride() == dA_part.stride()  # the kernel indexes both with lam's strides
+        _launch("bwd_walk", dim, G, batch, N, args, dict(kw, HAS_D=D is not None, HAS_LAM=lam is not None,
+                                                         BLOCK_T=BT), S)
+        dB = dBC[:, :, :L, 0, :N].transpose(2, 3).to(B4.dtype).contiguous()  # (batch, G, N, L)
+        dC = dBC[:, :, :L, 1, :N].transpose(2, 3).to(C4.dtype).contiguous()
+        dDb = dDb.sum((0, 1))  # (2, D)
+        return dA_part.sum((0, 1)), dB, dC, dDb[0], dDb[1]
+
+    @staticmethod
+    def _backward_assoc(ctx, u, delta, A, B4, C4, D, z, delta_bias, seq_idx, states, dy, dlast, du, ddelta, dz):
+        """The associative-scan backward (before issue 26), kept for comparison: bwd_impl="assoc"."""
+        batch, dim, L = u.shape
+        G, N = B4.shape[1], A.shape[1]
+        f32 = dict(device=u.device, dtype=torch.float32)
         dA_part = torch.empty((batch, dim, N), **f32)  # per-sequence partial sums
         dB = torch.zeros((batch, G, N, L), **f32)  # atomically accumulated over channels
         dC = torch.zeros((batch, G, N, L), **f32)
@@ -596,19 +1188,16 @@ class SelectiveScanFn(torch.autograd.Function):
                       SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DLAST=has_dlast,
                       BLOCK_N=_block_n(N), BLOCK_T=ctx.BT)
         _launch("bwd", dim, G, batch, N, args, kwargs)
-        dA = dA_part.sum(0).to(A.dtype)  # (D, N)
-        dB = dB.to(B4.dtype)
-        dC = dC.to(C4.dtype)
-        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
+        dD = dD_part.sum(0) if D is not None else None
+        dbias = dbias_part.sum(0) if delta_bias is not None else None
+        return dA_part.sum(0), dB.to(B4.dtype), dC.to(C4.dtype), dD, dbias
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, seq_idx=None):
+                   return_last_state=False, seq_idx=None, bwd_impl=None):
     """Selective scan (mamba_ssm ``selective_scan_fn`` semantics), differentiable.
 
     u, delta: (batch, D, L); A: (D, N) real; B, C: (batch, N, L) or (batch, G, N, L);
@@ -617,15 +1206,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns y (batch, D, L) in u's dtype, and with ``return_last_state`` also the final state
     (batch, D, N) float32 (gradients through it are supported).
     Runs the Triton kernels when the tensors are on CUDA or TRITON_INTERPRET=1, else the
-    PyTorch reference.
+    PyTorch reference. ``bwd_impl``: "walk" (reverse walk) or "assoc" (the associative-scan
+    backward before issue 26), default the module's ``BWD_IMPL``.
     """
+    bwd_impl = BWD_IMPL if bwd_impl is None else bwd_impl
+    if bwd_impl not in ("walk", "assoc"):
+        raise ValueError(f"bwd_impl: expected 'walk' or 'assoc', got {bwd_impl!r}")
     batch, dim, L, N, G, B4, C4 = _check_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx)
     if not (u.is_cuda or interpreting()):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, seq_idx)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    y, last = SelectiveScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seq_idx, need_grad)
+    y, last = SelectiveScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seq_idx, need_grad,
+                                    bwd_impl)
     return (y, last) if return_last_state else y
 
 

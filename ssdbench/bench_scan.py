@@ -2,6 +2,8 @@
 
     python -m ssdbench.bench_scan                 # (a) scan vs L and (b) scan (and SSD) vs N
     python -m ssdbench.bench_scan --op conv       # (c) causal conv1d: Triton vs PyTorch
+    python -m ssdbench.bench_scan --op long       # (d) forward at fixed tokens, L = 2K .. 1M
+    python -m ssdbench.bench_scan --bwd-impl walk assoc   # both backwards, a row each
     python -m ssdbench.bench_scan --smoke         # tiny shapes, runs on a CPU (interpreter) too
 
 (a) Selective scan at D=2048 channels, N=16, bf16, 65,536 tokens per batch (batch = tokens / L),
@@ -12,6 +14,14 @@
     the comparison of the Mamba-2 paper's Figure 10.
 (c) Causal conv1d (batch*L = 65,536, D = 4096, W = 4, silu) bf16, Triton vs F.conv1d + silu,
     forward and forward+backward, channel-first and channel-last inputs.
+(d) Long sequences (issue 26): the scan forward at a fixed token count (default 2^20, batch =
+    tokens / L) for L = 2K .. 1M, with the launcher's choice of time segments S ("auto") and,
+    for comparison, the single walk (S = 1) or any forced S (``--segments auto 1 8``); the
+    column S is the number of segments that ran. ``--long-bwd`` adds forward+backward rows.
+
+Forward+backward rows carry the backward in the column bwd_impl: "walk" (the reverse walk of
+issue 26) or "assoc" (the associative-scan backward before it); ``--bwd-impl`` lists those to
+time, a row each, in the same process (so on the same GPU).
 
 Times are medians of ``triton.testing.do_bench``. FLOP and byte counts are explicit formulas
 (below, per row) so TFLOP/s and GB/s are comparable across rows, not profiler counters.
@@ -88,6 +98,51 @@ def _scan_bytes(batch, dim, L, N, esize, fwd_bwd):
     return fwd + states + bwd
 
 
+def _time_fwd_bwd(args, rows, batch, dim, L, N, kw, flops):
+    """A forward+backward row for each backward in ``args.bwd_impl`` (same inputs, same process)."""
+    from ssdbench.kernels.selective_scan import selective_scan
+    gins = _scan_inputs(batch, dim, L, N, args.dtype, args.device, requires_grad=True)
+    dy = torch.randn(batch, dim, L, device=args.device).to(args.dtype)
+    for impl in args.bwd_impl:
+        def fwd_bwd():
+            torch.autograd.backward(selective_scan(*gins, **kw, bwd_impl=impl), dy)
+        ms = _timer(fwd_bwd, grad_to_none=gins, quick=args.smoke)
+        rows.append(_row("selective_scan", "triton", "fwd+bwd", L, batch, ms, flops * FWD_BWD_FACTOR,
+                         _scan_bytes(batch, dim, L, N, gins[0].element_size(), True), N=N, D=dim,
+                         bwd_impl=impl))
+        _print_last(rows)
+    del gins, dy
+
+
+def bench_scan_long(args, rows):
+    """(d) The forward at a fixed token count as L grows to 1M: time segments against one walk."""
+    from ssdbench.kernels import selective_scan as ss
+    dtype, dev, dim, N = args.dtype, args.device, args.dim, args.long_state
+    saved = ss.FORCE_SEGMENTS
+    try:
+        for L in args.long_lengths:
+            batch = max(1, args.long_tokens // L)
+            flops = batch * L * dim * N * SCAN_FLOPS_PER_STATE
+            ins = _scan_inputs(batch, dim, L, N, dtype, dev, requires_grad=False)
+            for seg in args.segments:
+                ss.FORCE_SEGMENTS = None if seg == "auto" else int(seg)
+                S = ss._n_segments(batch, dim, L, N, ss._block_t())[0]
+                with torch.no_grad():
+                    ms = _timer(lambda: ss.selective_scan(*ins, delta_softplus=True), quick=args.smoke)
+                rows.append(_row("selective_scan", "triton", "fwd", L, batch, ms, flops,
+                                 _scan_bytes(batch, dim, L, N, ins[0].element_size(), False), N=N, D=dim,
+                                 segments=seg, S=S))
+                _print_last(rows)
+                if args.long_bwd:
+                    n0 = len(rows)
+                    _time_fwd_bwd(args, rows, batch, dim, L, N, dict(delta_softplus=True), flops)
+                    for r in rows[n0:]:
+                        r.update(segments=seg, S=S)
+            del ins
+    finally:
+        ss.FORCE_SEGMENTS = saved
+
+
 def bench_scan_vs_length(args, rows):
     from ssdbench.kernels.selective_scan import selective_scan, selective_scan_ref
     dtype, dev, dim, N = args.dtype, args.device, args.dim, 16
@@ -100,15 +155,7 @@ def bench_scan_vs_length(args, rows):
             ms = _timer(lambda: selective_scan(*ins, **kw), quick=args.smoke)
         rows.append(_row("selective_scan", "triton", "fwd", L, batch, ms, flops,
                          _scan_bytes(batch, dim, L, N, ins[0].element_size(), False), N=N, D=dim))
-        gins = _scan_inputs(batch, dim, L, N, dtype, dev, requires_grad=True)
-        dy = torch.randn(batch, dim, L, device=dev).to(dtype)
-
-        def fwd_bwd():
-            torch.autograd.backward(selective_scan(*gins, **kw), dy)
-        ms = _timer(fwd_bwd, grad_to_none=gins, quick=args.smoke)
-        rows.append(_row("selective_scan", "triton", "fwd+bwd", L, batch, ms, flops * FWD_BWD_FACTOR,
-                         _scan_bytes(batch, dim, L, N, ins[0].element_size(), True), N=N, D=dim))
-        del gins, dy
+        _time_fwd_bwd(args, rows, batch, dim, L, N, kw, flops)
         if L <= args.ref_max_len:
             with torch.no_grad():
                 ms = _timer(lambda: selective_scan_ref(*ins, **kw), quick=True)
@@ -141,15 +188,7 @@ def bench_scan_vs_state(args, rows):
         rows.append(_row("selective_scan", "triton", "fwd", L, batch, ms, flops,
                          _scan_bytes(batch, dim, L, N, ins[0].element_size(), False), N=N, D=dim))
         del ins
-        gins = _scan_inputs(batch, dim, L, N, dtype, dev, requires_grad=True)
-        dy = torch.randn(batch, dim, L, device=dev).to(dtype)
-
-        def fwd_bwd():
-            torch.autograd.backward(selective_scan(*gins, delta_softplus=True), dy)
-        ms = _timer(fwd_bwd, grad_to_none=gins, quick=args.smoke)
-        rows.append(_row("selective_scan", "triton", "fwd+bwd", L, batch, ms, flops * FWD_BWD_FACTOR,
-                         _scan_bytes(batch, dim, L, N, gins[0].element_size(), True), N=N, D=dim))
-        del gins, dy
+        _time_fwd_bwd(args, rows, batch, dim, L, N, dict(delta_softplus=True), flops)
         _print_last(rows)
         if ssd is None:
             continue
@@ -250,8 +289,18 @@ def _show(df: pd.DataFrame, title: str):
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(prog="bench_scan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", choices=["scan", "conv", "all"], default="scan",
-                    help="scan: (a) vs L and (b) vs N (+SSD); conv: (c) causal conv1d; all: both")
+    ap.add_argument("--op", choices=["scan", "conv", "long", "all"], default="scan",
+                    help="scan: (a) vs L and (b) vs N (+SSD); conv: (c) causal conv1d; long: (d) the "
+                         "forward at fixed tokens up to L = 1M; all: scan and conv")
+    ap.add_argument("--bwd-impl", nargs="+", default=["walk"], choices=["walk", "assoc"],
+                    help="scan backward(s) to time, a fwd+bwd row each (walk: reverse walk; assoc: before issue 26)")
+    ap.add_argument("--long-lengths", type=int, nargs="+", default=[2048, 16384, 65536, 262144, 1048576],
+                    help="L values for (d)")
+    ap.add_argument("--long-tokens", type=int, default=1 << 20, help="tokens per batch for (d) (batch = tokens / L)")
+    ap.add_argument("--long-state", type=int, default=16, help="N for (d)")
+    ap.add_argument("--segments", nargs="+", default=["auto", "1"],
+                    help="time segments for (d): auto (the launcher's rule) and/or forced counts, a row each")
+    ap.add_argument("--long-bwd", action="store_true", help="(d) also times forward+backward")
     ap.add_argument("--out", default="results/bench/scan", help="folder for the CSV and Markdown tables")
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per batch (batch = tokens / L)")
     ap.add_argument("--dim", type=int, default=2048, help="scan channels D")
@@ -276,6 +325,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         args.tokens, args.dim, args.lengths, args.ref_max_len = 64, 8, [16, 32], 32
         args.states, args.state_len, args.conv_dim, args.conv_len = [4, 16], 32, 16, 32
         args.headdim, args.chunk = 4, 16
+        args.long_lengths, args.long_tokens, args.segments = [32, 64], 64, ["auto", "1", "2"]
         if args.device == "cpu":
             args.dtype = torch.float32  # the interpreter has no bf16 arithmetic worth timing
     rows: list[dict] = []
@@ -285,12 +335,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         bench_scan_vs_length(args, rows)
         print(f"(b) scan vs state size at L={args.state_len}")
         bench_scan_vs_state(args, rows)
+    if args.op == "long":
+        print(f"(d) scan forward at {args.long_tokens} tokens vs L: D={args.dim}, N={args.long_state}, "
+              f"segments {args.segments}")
+        bench_scan_long(args, rows)
     if args.op in ("conv", "all"):
         print(f"(c) causal conv1d: D={args.conv_dim}, W=4, {args.tokens} tokens, {args.dtype}")
         bench_conv(args, rows)
     df = pd.DataFrame(rows)
-    if "N" in df:
-        df["N"] = df["N"].astype("Int64")  # conv rows have no N
+    for col in ("N", "S"):
+        if col in df:
+            df[col] = df[col].astype("Int64")  # conv rows have no N; only (d) rows have S
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
     _show(df, f"bench_scan --op {args.op} on {gpu}")
     out = Path(args.out)

@@ -5,6 +5,7 @@ Under TRITON_INTERPRET=1 (no GPU) the kernels run with a time block of 16, so le
 37 cover a single partial block, an exact block and a ragged multi-block walk; on CUDA the block
 is 64 and the lengths grow accordingly.
 """
+import math
 import random
 
 import pytest
@@ -72,12 +73,12 @@ def make_inputs(batch, dim, L, N, G=None, dtype=torch.float32, has_D=True, has_z
     return [u, delta, A, B, C, D, z, bias]
 
 
-def check(inputs, softplus, seq_idx, dtype, last_state=True):
+def check(inputs, softplus, seq_idx, dtype, last_state=True, bwd_impl=None):
     """Compare forward, last state and all gradients to autograd through the float64 reference."""
     ins = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
     ref_ins = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
     kw = dict(delta_softplus=softplus, return_last_state=last_state, seq_idx=seq_idx)
-    out = selective_scan(*ins, **kw)
+    out = selective_scan(*ins, **kw, bwd_impl=bwd_impl)
     ref = selective_scan_ref(*ref_ins, **kw)
     y, yr = (out[0], ref[0]) if last_state else (out, ref)
     yd = y.detach()
@@ -183,6 +184,145 @@ def test_seq_idx_equals_separate_sequences():
     parts = [selective_scan(u[..., s], delta[..., s], A, B[..., s], C[..., s], D, z[..., s], bias, True)
              for s in (slice(0, L1), slice(L1, None))]
     assert rel_err(y, torch.cat(parts, -1)) < 1e-5
+
+
+# ---- issue 26: the time-parallel forward (S segments) and the reverse-walk backward ----------
+# Segments are whole checkpoint blocks (16 steps under the interpreter, 64 on the GPU): L = 37
+# with S = 3 gives segments [0, 16), [16, 32), [32, 37) (the last one ragged); on the GPU L = 333
+# gives [0, 128), [128, 256), [256, 333).
+SEG_L = 37 if not ON_GPU else 333
+SEG_BT = ss._block_t()
+SEG_LEN = math.ceil(math.ceil(SEG_L / 3) / SEG_BT) * SEG_BT
+
+
+def seq_at(batch, L, cuts):
+    """(batch, L) int32 document ids with a new document at each step in ``cuts``."""
+    seq = torch.zeros(batch, L, dtype=torch.int32)
+    for c in cuts:
+        seq[:, c:] += 1
+    return seq.to(DEVICE)
+
+
+# Document boundaries: none; exactly at the second segment's first step; inside the second
+# segment; both (the second segment then starts and contains one).
+SEG_CUTS = {"none": (), "at_segment": (SEG_LEN,), "inside": (SEG_LEN + 5,), "both": (SEG_LEN, SEG_LEN + 5)}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The kinds of scan kernels launched (fwd, bwd, bwd_walk, bwd_seg), in order."""
+    kinds, launch = [], ss._launch
+
+    def record(kind, *a, **k):
+        kinds.append(kind)
+        return launch(kind, *a, **k)
+
+    monkeypatch.setattr(ss, "_launch", record)
+    return kinds
+
+
+@pytest.fixture
+def segments(monkeypatch):
+    """Force S = 3 time segments in the forward and the walk backward."""
+    monkeypatch.setattr(ss, "FORCE_SEGMENTS", 3)
+    assert ss._n_segments(2, 4, SEG_L, 16, SEG_BT) == (3, SEG_LEN)
+
+
+@pytest.mark.parametrize("cuts", list(SEG_CUTS))
+def test_time_parallel_forward_no_grad(cuts, segments, poison):
+    # inference: pass 1 (local states, decays), combine, pass 3 (y from the entering states)
+    inputs = make_inputs(2, 4, SEG_L, 16, G=2)
+    seq = seq_at(2, SEG_L, SEG_CUTS[cuts]) if cuts != "none" else None
+    with torch.no_grad():
+        y, last = selective_scan(*inputs, delta_softplus=True, return_last_state=True, seq_idx=seq)
+    yr, lr = selective_scan_ref(*[t.double() for t in inputs], delta_softplus=True, return_last_state=True,
+                                seq_idx=seq)
+    assert rel_err(y, yr) < 1e-4, rel_err(y, yr)
+    assert rel_err(last, lr) < 1e-4, rel_err(last, lr)
+
+
+@pytest.mark.parametrize("N, cuts", [(5, "both"), (16, "none")])
+def test_time_parallel_forward_and_walk_backward(N, cuts, segments, launches, poison):
+    # training: pass 3 also writes the checkpoints; the backward runs its own pass 1 (the
+    # adjoint from the right of each segment) and reverse combine, started at dL/d(last state)
+    inputs = make_inputs(2, 4, SEG_L, N, G=2)
+    seq = seq_at(2, SEG_L, SEG_CUTS[cuts]) if cuts != "none" else None
+    check(inputs, True, seq, torch.float32, bwd_impl="walk")
+    assert launches == ["fwd", "fwd", "bwd_seg", "bwd_walk"]
+
+
+@pytest.mark.parametrize("cuts", ["at_segment", "both"])
+def test_time_parallel_slow_decay(cuts, segments, poison):
+    # small delta, no softplus: a whole segment decays by only ~0.2-0.9, so a state or an
+    # adjoint leaking across a document start through a segment's total decay (which must be
+    # 0 there) shows at once; with the usual delta it decays ~1e-3 per segment and hides
+    inputs = make_inputs(2, 4, SEG_L, 16, G=2, has_bias=False)
+    inputs[1] = inputs[1] * 0.05  # (batch, D, L) delta
+    check(inputs, False, seq_at(2, SEG_L, SEG_CUTS[cuts]), torch.float32, bwd_impl="walk")
+
+
+def test_walk_backward_segments_plain(segments, poison):
+    # no D, z, bias, softplus, last state: the backward's segment adjoints start from zero
+    inputs = make_inputs(1, 4, SEG_L, 16, has_D=False, has_z=False, has_bias=False)
+    check(inputs, False, None, torch.float32, last_state=False, bwd_impl="walk")
+
+
+def test_64bit_index_path(segments, monkeypatch, poison):
+    # sequences with D L >= 2^30 elements (D = 2048 at L = 2^20) index in 64 bits: the same
+    # kernels with IDX64 on, forced here at a small shape
+    monkeypatch.setattr(ss, "_idx64", lambda *ts: True)
+    inputs = make_inputs(2, 4, SEG_L, 16, channel_last=True)
+    check(inputs, True, seq_at(2, SEG_L, SEG_CUTS["both"]), torch.float32, bwd_impl="walk")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_walk_backward_half_inputs(dtype, segments, poison):
+    inputs = make_inputs(2, 4, SEG_L, 16, dtype=dtype)
+    check(inputs, True, seq_at(2, SEG_L, (3, SEG_LEN + 5)), dtype, bwd_impl="walk")
+
+
+@pytest.mark.parametrize("option", ["D_z", "all_seq"])
+def test_assoc_backward_still_selectable(option, launches, poison):
+    # the associative-scan backward (before issue 26) stays for GPU comparisons (bench --bwd-impl)
+    has_D, has_z, has_bias, softplus, use_seq, last = OPTIONS[option]
+    inputs = make_inputs(2, 4, LENGTHS[-1], 16, G=2, has_D=has_D, has_z=has_z, has_bias=has_bias)
+    seq = random_seq_idx(2, LENGTHS[-1]) if use_seq else None
+    check(inputs, softplus, seq, torch.float32, last_state=last, bwd_impl="assoc")
+    assert launches == ["fwd", "bwd"]
+
+
+def test_default_backward_is_the_walk(launches):
+    inputs = [t.requires_grad_(True) for t in make_inputs(1, 4, LENGTHS[-1], 4, has_D=False, has_z=False,
+                                                          has_bias=False)[:5]]
+    selective_scan(*inputs).sum().backward()
+    assert ss.BWD_IMPL == "walk" and launches == ["fwd", "bwd_walk"]
+
+
+@pytest.mark.no_triton
+def test_segment_choice():
+    """S = 1 where the sequences x channels already fill the GPU (short L: unchanged); else
+    the smallest power of two reaching two waves, whole checkpoint blocks, segments covering L."""
+    bt = 64
+    cases = {  # (batch, D, L, N): (S, segment length)
+        (32, 2048, 2048, 16): (1, 2048),  # the benchmark's 65,536 tokens at L <= 4K: filled
+        (16, 2048, 4096, 16): (1, 4096),
+        (4, 2048, 16384, 256): (1, 16384),  # N = 256 fills the GPU with 16x fewer channels
+        (4, 2048, 16384, 16): (8, 2048),  # 2 waves: 4 x 2048 x 16 x 8 = 2 x _FILL_WORK
+        (1, 2048, 2**20, 16): (32, 32768),
+        (1, 1536, 2**20, 64): (16, 65536),
+        (1, 768, 5000, 16): (16, 320),  # capped: segments of at least 4 blocks (>= 256 steps)
+        (1, 64, 300, 1): (1, 320),  # too short to split
+    }
+    for (batch, dim, L, N), want in cases.items():
+        S, seg = ss._n_segments(batch, dim, L, N, bt)
+        assert (S, seg) == want, ((batch, dim, L, N), (S, seg))
+        assert seg % bt == 0 and S * seg >= L > (S - 1) * seg
+
+
+@pytest.mark.no_triton
+def test_bad_bwd_impl():
+    with pytest.raises(ValueError, match=r"^bwd_impl:"):
+        selective_scan(*make_inputs(1, 4, 5, 3), bwd_impl="scan")
 
 
 @pytest.mark.no_triton
