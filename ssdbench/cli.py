@@ -16,7 +16,7 @@ GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads")
 SUBCOMMANDS = {
     "run": "train one configuration, or sweep many with -m (a Hydra application; see `ssdbench run --help`)",
     "bench": "time on the GPU: kernels ssd, scan (selective scan, conv), based, window; training throughput: train; "
-             "`ssdbench run` against its bare step: study",
+             "`ssdbench run` against its bare step: study; inference throughput (prefill + decode): generate",
 }
 
 # Subcommands with argparse options: name -> (module, help). Each module provides
@@ -29,6 +29,9 @@ COMMANDS = {
     "plot-results": ("ssdbench.plots",
                      "figures (PNG and PDF) from the result records: accuracy vs width and state size, "
                      "training curves"),
+    "generate": ("ssdbench.generate",
+                 "generate text (or tokens) from a trained run: prefill with the parallel forward, decode "
+                 "with the recurrent step or KV cache"),
     "fit-scaling": ("ssdbench.scaling",
                     "Chinchilla-style scaling fits (envelope, IsoFLOP parabolas, parametric L(N, D)) "
                     "from result records or a params,tokens,loss CSV"),
@@ -36,7 +39,7 @@ COMMANDS = {
 
 # `ssdbench bench <name> ...` runs ssdbench.bench_<module>.main(argv)
 BENCHES = {"ssd": "bench_ssd", "scan": "bench_scan", "based": "bench_based", "window": "bench_window",
-           "train": "bench_train", "study": "bench_study"}
+           "train": "bench_train", "study": "bench_study", "generate": "bench_generate"}
 
 
 def available(group: str) -> list[str]:

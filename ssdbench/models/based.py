@@ -59,8 +59,8 @@ from ssdbench.kernels.based import (
     taylor_linear_attention_chunked_torch, taylor_linear_attention_triton, taylor_step,
 )
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
-from ssdbench.models.layers import SwiGLU
-from ssdbench.models.lm import LanguageModel
+from ssdbench.models.layers import SwiGLU, store_conv_state
+from ssdbench.models.lm import LanguageModel, mixer_prefill
 from ssdbench.models.transformerpp import RotaryEmbedding
 
 MIXER_KINDS = ("linear_attn", "sliding_window", "base_conv")
@@ -121,14 +121,24 @@ class TaylorLinearAttention(nn.Module):
                 k.unflatten(-1, (H, Fd)),  # (..., H, F)
                 v.unflatten(-1, (H, P)))  # (..., H, P)
 
+    def _kernel(self, x: torch.Tensor):
+        if self.impl == "auto":  # the public entry on a GPU; the chunked reference on a CPU
+            return taylor_linear_attention if x.is_cuda else taylor_linear_attention_chunked_torch
+        return taylor_linear_attention_triton if self.impl == "triton" else taylor_linear_attention_chunked_torch
+
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._qkv(x)  # (batch, L, H, F), (batch, L, H, F), (batch, L, H, P)
-        if self.impl == "auto":  # the public entry on a GPU; the chunked reference on a CPU
-            fn = taylor_linear_attention if x.is_cuda else taylor_linear_attention_chunked_torch
-        else:
-            fn = taylor_linear_attention_triton if self.impl == "triton" else taylor_linear_attention_chunked_torch
-        y = fn(q, k, v, eps=self.eps, normalize=self.normalize, seq_idx=seq_idx)  # (batch, L, H, P)
+        y = self._kernel(x)(q, k, v, eps=self.eps, normalize=self.normalize, seq_idx=seq_idx)  # (batch, L, H, P)
         return self.out(y.flatten(-2))  # (batch, L, d_model)
+
+    def prefill(self, x: torch.Tensor, state):
+        """A prompt x (batch, L, d_model) by the chunked kernel, its final (S, z) into the fresh state."""
+        q, k, v = self._qkv(x)  # (batch, L, H, F), (batch, L, H, F), (batch, L, H, P)
+        y, (S, z) = self._kernel(x)(q, k, v, eps=self.eps, normalize=self.normalize,
+                                    return_final_state=True)  # (batch, L, H, P)
+        state[0].copy_(S)  # (batch, H, D, P)
+        state[1].copy_(z)  # (batch, H, D)
+        return self.out(y.flatten(-2)), state
 
     def allocate_state(self, batch, device=None, dtype=torch.float32):
         D = feature_count(self.F)
@@ -233,20 +243,26 @@ class SlidingWindowAttention(nn.Module):
         self.out._is_residual_out = True
         self.rotary = RotaryEmbedding(self.P, rope_base)  # its inv_freq; applied by apply_rope
 
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
+        """x (batch, T, d_model) -> q, k, v (batch, T, H, P), q and k rotated at positions pos (T,)."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.H, self.P)).unbind(2)  # (batch, T, H, P) each
+        return apply_rope(q, pos, self.rotary.inv_freq), apply_rope(k, pos, self.rotary.inv_freq), v
+
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        batch, L, _ = x.shape
-        H, P = self.H, self.P
-        q, k, v = self.qkv(x).unflatten(-1, (3, H, P)).unbind(2)  # (batch, L, H, P) each
-        pos = torch.arange(L, device=x.device)
-        q, k = apply_rope(q, pos, self.rotary.inv_freq), apply_rope(k, pos, self.rotary.inv_freq)
+        q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device))  # (batch, L, H, P) each
+        return self._attend(q, k, v, seq_idx)
+
+    def _attend(self, q, k, v, seq_idx=None) -> torch.Tensor:
+        """Window attention of q, k, v (batch, L, H, P) and the output projection -> (batch, L, d_model)."""
+        batch, L = q.shape[:2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, H, L, P)
         impl = AUTO_WINDOW_IMPL if self.window_impl == "auto" else self.window_impl
-        if impl == "flex" and HAS_FLEX and x.is_cuda:
+        if impl == "flex" and HAS_FLEX and q.is_cuda:
             y = flex_window_attention(q, k, v, self.W, seq_idx)
         else:
-            mask = window_mask(L, self.W, seq_idx, x.device)  # (L, L) or (batch, 1, L, L)
+            mask = window_mask(L, self.W, seq_idx, q.device)  # (L, L) or (batch, 1, L, L)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(batch, L, H * P))  # (batch, L, d_model)
+        return self.out(y.transpose(1, 2).reshape(batch, L, self.H * self.P))  # (batch, L, d_model)
 
     def allocate_state(self, batch, device=None, dtype=torch.float32):
         # A ring buffer of the last W keys (already rotated at their own positions) and values,
@@ -256,19 +272,35 @@ class SlidingWindowAttention(nn.Module):
         t = torch.zeros((), dtype=torch.long, device=device)
         return (kbuf, vbuf, t)
 
+    def prefill(self, x: torch.Tensor, state):
+        """A prompt x (batch, L, d_model) by the masked parallel attention; its last min(L, W) keys
+        and values go to their ring slots (position p at slot p % W), as stepping would leave them."""
+        kbuf, vbuf, t = state
+        L = x.shape[1]
+        pos = torch.arange(L, device=x.device)  # (L,)
+        q, k, v = self._qkv(x, pos)  # (batch, L, H, P) each
+        n = min(L, self.W)
+        slots = pos[L - n:] % self.W  # (n,)
+        kbuf.index_copy_(1, slots, k[:, L - n:].to(kbuf.dtype))
+        vbuf.index_copy_(1, slots, v[:, L - n:].to(vbuf.dtype))
+        t.fill_(L)
+        return self._attend(q, k, v), state
+
     def step(self, x_t: torch.Tensor, state):
+        """x_t (batch, d_model) -> (batch, d_model). Slot and position come from the tensor t, and
+        all W slots are read with the unwritten ones masked out, so the step never reads t on
+        the host and one CUDA graph of it serves every position."""
         kbuf, vbuf, t = state
         H, P, W = self.H, self.P, self.W
-        q, k, v = self.qkv(x_t).unflatten(-1, (3, H, P)).unbind(1)  # (batch, H, P) each
         pos = t.reshape(1)  # (1,)
-        q = apply_rope(q[:, None], pos, self.rotary.inv_freq)[:, 0]  # (batch, H, P)
-        k = apply_rope(k[:, None], pos, self.rotary.inv_freq)[:, 0]  # (batch, H, P)
-        slot = int(t) % W
-        kbuf[:, slot] = k.to(kbuf.dtype)
-        vbuf[:, slot] = v.to(vbuf.dtype)
-        n_valid = min(int(t) + 1, W)  # slots written so far; order is irrelevant to softmax
-        scores = torch.einsum("bhp,bwhp->bhw", q, kbuf[:, :n_valid].to(q.dtype)) / P ** 0.5  # (batch, H, n)
-        y = torch.einsum("bhw,bwhp->bhp", scores.softmax(-1), vbuf[:, :n_valid].to(q.dtype))  # (batch, H, P)
+        q, k, v = self._qkv(x_t[:, None], pos)  # (batch, 1, H, P) each
+        slot = pos % W  # (1,)
+        kbuf.index_copy_(1, slot, k.to(kbuf.dtype))
+        vbuf.index_copy_(1, slot, v.to(vbuf.dtype))
+        written = torch.arange(W, device=t.device) <= t  # (W,): slots 0..t, all of them once t >= W - 1
+        scores = torch.einsum("bhp,bwhp->bhw", q[:, 0], kbuf.to(q.dtype)) / P ** 0.5  # (batch, H, W)
+        scores = scores.masked_fill(~written, float("-inf"))  # order is irrelevant to softmax
+        y = torch.einsum("bhw,bwhp->bhp", scores.softmax(-1), vbuf.to(q.dtype))  # (batch, H, P)
         t.add_(1)
         return self.out(y.reshape(-1, H * P)), (kbuf, vbuf, t)
 
@@ -295,8 +327,10 @@ class BaseConv(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.out_proj._is_residual_out = True
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, state=None) -> torch.Tensor:
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)  # (batch, L, d_inner) each
+        if state is not None:  # prefill: the conv's last k-1 inputs into the fresh state
+            store_conv_state(state, u1)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
         c = causal_conv1d(u1, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx=seq_idx,
@@ -305,6 +339,9 @@ class BaseConv(nn.Module):
 
     def allocate_state(self, batch, device=None, dtype=torch.float32):
         return torch.zeros(batch, self.d_inner, self.k - 1, device=device, dtype=dtype)  # (batch, d_inner, k-1)
+
+    def prefill(self, x: torch.Tensor, state):
+        return self.forward(x, state=state), state
 
     def step(self, x_t: torch.Tensor, state):
         u1, u2 = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner) each
@@ -340,6 +377,12 @@ class MixerChain(nn.Module):
 
     def allocate_state(self, batch, device=None, dtype=torch.float32):
         return tuple(m.allocate_state(batch, device, dtype) for m in self.mixers)
+
+    def prefill(self, x, state):
+        for i, (m, s) in enumerate(zip(self.mixers, state)):
+            y, _ = mixer_prefill(m, x, s)  # (batch, L, d_model); s written in place
+            x = x + y if i < len(self.mixers) - 1 else y
+        return x, state
 
     def step(self, x_t, state):
         new = []

@@ -12,6 +12,18 @@ def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
+def store_conv_state(conv_state: torch.Tensor, x: torch.Tensor) -> None:
+    """Prefill of a causal conv's decoding state: conv_state (batch, D, W-1) takes the last W-1
+    inputs of x (batch, L, D) (channel-last, before the conv), oldest first, and zeros where
+    the prompt is shorter than W-1 (the zero history a fresh state starts from): what
+    ``causal_conv1d_update`` would leave after stepping through x."""
+    keep = conv_state.shape[2]
+    n = min(keep, x.shape[1])
+    conv_state.zero_()
+    if n:
+        conv_state[:, :, keep - n:] = x[:, x.shape[1] - n:].transpose(1, 2).to(conv_state.dtype)  # (batch, D, n)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 for stability under bf16 autocast."""
 

@@ -12,10 +12,22 @@ Recurrent decoding: a mixer that can decode token by token implements
 ``allocate_state(batch, device, dtype) -> state`` and ``step(x_t, state) -> (y_t, state)`` with
 x_t, y_t (batch, d_model); the state is any tensor or tuple the mixer owns (it may be updated in
 place). ``LanguageModel.step`` chains them through the blocks, so a test can check that
-stepping through a sequence equals the full forward.
+stepping through a sequence equals the full forward. A mixer whose state grows with the
+sequence (attention's KV cache) takes ``max_seqlen`` in allocate_state as well: its state is
+preallocated at that capacity, so that a decode step has the same shapes at every position
+(what a CUDA graph of the step needs).
+
+Prefill (generation, ssdbench/generate.py): a mixer may implement ``prefill(x, state) -> (y,
+state)`` with x, y (batch, L, d_model): the full forward's output on a prompt, computed with
+the parallel (chunked) path, leaving in ``state`` -- freshly allocated by allocate_state, so
+all zeros -- exactly the state that stepping through x from that state would leave. The
+state is written in place into the given tensors (a captured decode step reads them).
+``LanguageModel.prefill`` chains them; for a mixer without prefill it steps through the prompt
+token by token instead (``prefill_by_steps``: the same state, one step per token, slower).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -25,6 +37,40 @@ from torch import nn
 
 from ssdbench.kernels import cross_entropy as ce_kernels
 from ssdbench.models.layers import RMSNorm
+
+
+def assign_state(dst, src):
+    """Copy a state returned by a mixer (tensors or nested tuples/lists of them) into ``dst``
+    of the same structure, tensor by tensor, skipping tensors the mixer updated in place.
+    Keeps a state's tensors at fixed addresses (the prefill contract; a CUDA graph of the
+    decode step reads them). Returns dst."""
+    if isinstance(dst, torch.Tensor):
+        if src is not dst:
+            dst.copy_(src)
+        return dst
+    for d, s in zip(dst, src):
+        assign_state(d, s)
+    return dst
+
+
+def prefill_by_steps(mixer: nn.Module, x: torch.Tensor, state):
+    """Prefill of a mixer without one of its own: step through x (batch, L, d_model) token by
+    token from ``state`` (correct for any mixer with ``step``, L times slower than a parallel
+    prefill). Returns (y (batch, L, d_model), state), the state written in place."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, new = mixer.step(x[:, t], state)  # (batch, d_model)
+        state = assign_state(state, new)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state  # (batch, L, d_model)
+
+
+def mixer_prefill(mixer: nn.Module, x: torch.Tensor, state):
+    """mixer.prefill when the mixer has one, else ``prefill_by_steps``; state written in place."""
+    if hasattr(mixer, "prefill"):
+        y, new = mixer.prefill(x, state)
+        return y, assign_state(state, new)
+    return prefill_by_steps(mixer, x, state)
 
 
 class Block(nn.Module):
@@ -64,6 +110,15 @@ class Block(nn.Module):
         if getattr(consumer, "input_to_autocast", True) and torch.is_autocast_enabled(device):
             y = y.to(torch.get_autocast_dtype(device))
         return y
+
+    def prefill(self, x: torch.Tensor, state):
+        """A prompt: x (batch, L, d_model) -> (batch, L, d_model) as forward computes it (one
+        stream, x + mixer(norm1(x)) then + mlp(norm2(.))), leaving the mixer's state after it."""
+        y, state = mixer_prefill(self.mixer, self.norm1(x), state)  # (batch, L, d_model)
+        x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, state
 
     def step(self, x: torch.Tensor, state):
         """One token: x (batch, d_model) -> (batch, d_model), advancing the mixer's state."""
@@ -169,9 +224,30 @@ class LanguageModel(nn.Module):
                                ignore_index=ignore_index)
 
     # ---- recurrent decoding -------------------------------------------------------------
-    def allocate_state(self, batch: int, device=None, dtype=torch.float32) -> list:
-        """Per-layer recurrent states for ``step`` (mixers must implement allocate_state/step)."""
-        return [layer.mixer.allocate_state(batch, device, dtype) for layer in self.layers]
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32, max_seqlen: int | None = None) -> list:
+        """Per-layer recurrent states for ``step`` (mixers must implement allocate_state/step).
+
+        ``max_seqlen``: the most tokens (prompt + generated) the state must hold, passed to the
+        mixers whose state grows with the sequence (those whose allocate_state takes it)."""
+        states = []
+        for layer in self.layers:
+            params = inspect.signature(layer.mixer.allocate_state).parameters
+            takes = "max_seqlen" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+            kwargs = {"max_seqlen": max_seqlen} if max_seqlen is not None and takes else {}
+            states.append(layer.mixer.allocate_state(batch, device, dtype, **kwargs))
+        return states
+
+    def prefill(self, input_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """input_ids (batch, L) -> logits (batch, vocab_size) at the last position, and the state
+        after the prompt (written in place into ``state``, fresh from allocate_state): the
+        parallel forward of every layer instead of L steps (see the module docstring)."""
+        x = self.embedding(input_ids)  # (batch, L, d_model)
+        for layer, s in zip(self.layers, state):
+            x, _ = layer.prefill(x, s)
+        # the head on the last position only: (batch, L, vocab) logits of a long prompt at a
+        # large batch would be gigabytes
+        logits = F.linear(self.norm_f(x[:, -1]), self.embedding.weight)[..., : self.vocab_size]
+        return logits, state  # (batch, vocab_size)
 
     def step(self, input_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """input_ids (batch,) -> logits (batch, vocab_size) for that position, and the new state."""

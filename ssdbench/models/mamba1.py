@@ -38,6 +38,7 @@ from torch import nn
 from ssdbench.errors import require, require_positive_int
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from ssdbench.kernels.selective_scan import MAX_N, selective_scan, selective_scan_ref, selective_state_update
+from ssdbench.models.layers import store_conv_state
 from ssdbench.models.lm import LanguageModel
 
 IMPLS = ("auto", "triton", "torch")
@@ -130,8 +131,15 @@ class Mamba1Mixer(nn.Module):
                 self.C_lti.expand(*lead, self.N))
 
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self._mix(u, seq_idx)
+
+    def _mix(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None, state=None) -> torch.Tensor:
+        """The block on u (batch, L, d_model); with a (fresh) decoding state, also leaves in it
+        the conv's last inputs and the scan's final state (prefill)."""
         batch, L, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, L, D) each
+        if state is not None:
+            store_conv_state(state[0], x)  # the conv's inputs, before it
         x = self._conv(x, seq_idx)  # (batch, L, D)
         if self.selective:
             dt, B, C = torch.split(self.x_proj(x), [self.R, self.N, self.N], dim=-1)
@@ -143,7 +151,11 @@ class Mamba1Mixer(nn.Module):
         y = self._scan(x.transpose(1, 2), delta.transpose(1, 2), A,
                        B.transpose(1, 2), C.transpose(1, 2),  # (batch, N, L) each
                        D=self.D, z=z.transpose(1, 2), delta_bias=self.dt_proj.bias,
-                       delta_softplus=True, seq_idx=seq_idx)  # (batch, D, L)
+                       delta_softplus=True, seq_idx=seq_idx,
+                       return_last_state=state is not None)  # (batch, D, L)
+        if state is not None:
+            y, last = y  # last (batch, D, N) fp32
+            state[1].copy_(last)
         return self.out_proj(y.transpose(1, 2))  # (batch, L, d_model)
 
     # ---- decoding ----------------------------------------------------------------------------
@@ -153,6 +165,11 @@ class Mamba1Mixer(nn.Module):
         ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         ssm_state = torch.zeros(batch, self.d_inner, self.N, device=device, dtype=ssm_dtype)
         return conv_state, ssm_state
+
+    def prefill(self, u: torch.Tensor, state):
+        """A prompt u (batch, L, d_model) -> (batch, L, d_model) by the parallel scan, leaving in
+        the fresh (zero) state what ``step`` would leave after it (see ``_mix``)."""
+        return self._mix(u, None, state), state
 
     def step(self, u: torch.Tensor, state):
         """u (batch, d_model) -> (batch, d_model); advances (conv_state, ssm_state) in place."""

@@ -34,8 +34,8 @@ from ssdbench.errors import require, require_positive_int
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from ssdbench.kernels.gated_rmsnorm import gated_rms_norm_ref
 from ssdbench.kernels.mamba2_fused import Dims, mamba2_inner
-from ssdbench.kernels.ssd import ssd_chunked_ref, ssd_step, use_triton
-from ssdbench.models.layers import GatedRMSNorm
+from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_step, use_triton
+from ssdbench.models.layers import GatedRMSNorm, store_conv_state
 from ssdbench.models.lm import LanguageModel
 
 HEAD_STRUCTURES = ("mva", "mqa", "mka", "mha", "gva")
@@ -140,6 +140,34 @@ class Mamba2Mixer(nn.Module):
         ssm_state = torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=torch.float32
                                 if dtype != torch.float64 else dtype)
         return conv_state, ssm_state
+
+    def prefill(self, u: torch.Tensor, state):
+        """A prompt u (batch, L, d_model) -> (batch, L, d_model) by the chunked SSD, leaving in a
+        fresh (zero) state the conv's last d_conv-1 inputs and SSD's final state: what ``step``
+        would leave after the prompt. The Triton path runs conv, SSD and norm as separate
+        kernels (the fused Function of forward returns no state); no gradients are needed."""
+        conv_state, ssm_state = state
+        batch, L, _ = u.shape
+        A = -torch.exp(self.A_log.float())  # (H,)
+        triton = self._triton(u)
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.H], dim=-1)
+        store_conv_state(conv_state, xBC)  # the conv's inputs, before it
+        xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, activation="silu",
+                            impl="auto" if triton else "torch", channel_last=True)  # (batch, L, conv_dim)
+        x, B, C = torch.split(xBC, self.splits[1:4], dim=-1)
+        x = x.reshape(batch, L, self.Hx, self.P)  # (batch, L, Hx, P)
+        B = B.reshape(batch, L, self.Gb, self.N)  # (batch, L, Gb, N)
+        C = C.reshape(batch, L, self.Gc, self.N)  # (batch, L, Gc, N)
+        ssd = ssd_chunked if triton else ssd_chunked_ref
+        if triton:  # slices of the projection: give the kernels dense inputs (a copy, once per prompt)
+            x, dt, B, C, z = (t.contiguous() for t in (x, dt, B, C, z))
+        y, final = ssd(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                       dt_limit=self.dt_limit, return_final_states=True)  # (batch, L, H, P), (batch, H, P, N)
+        ssm_state.copy_(final)
+        y = y.reshape(batch, L, self.d_inner)  # (batch, L, d_inner)
+        y = self.norm(y, z) if triton else gated_rms_norm_ref(y, z, self.norm.weight, self.norm.eps,
+                                                              self.norm.group_size)
+        return self.out_proj(y), state
 
     def step(self, u: torch.Tensor, state):
         """u (batch, d_model) -> (batch, d_model), advancing (conv_state, ssm_state)."""

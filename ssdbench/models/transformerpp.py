@@ -33,10 +33,13 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (head_dim/2,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, L, heads, head_dim) -> rotated x, same shape."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (batch, L, heads, head_dim) -> rotated x, same shape; pos (L,) the tokens' positions
+        (0..L-1 by default; a decode step passes its own, a tensor so that a CUDA graph of the
+        step serves every position). Angles in fp32 either way, so a step rotates exactly as
+        the full forward does."""
         L = x.shape[1]
-        t = torch.arange(L, device=x.device, dtype=torch.float32)
+        t = torch.arange(L, device=x.device, dtype=torch.float32) if pos is None else pos.to(torch.float32)
         angles = torch.outer(t, self.inv_freq)  # (L, head_dim/2)
         cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)  # (batch, L, heads, head_dim/2) each
@@ -55,6 +58,7 @@ def document_mask(seq_idx: torch.Tensor) -> torch.Tensor:
 
 
 HEAD_STRUCTURES = ("mha", "mqa", "gva", "mva", "mka")
+DEFAULT_CACHE_LEN = 2048  # KV cache capacity when allocate_state is given no max_seqlen
 
 
 def head_counts(head_structure: str, H: int, n_kv_heads: int | None) -> tuple[int, int, int]:
@@ -76,15 +80,35 @@ class Attention(nn.Module):
         self.out._is_residual_out = True
         self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor | None = None):
+        """x (batch, L, d_model) -> q (batch, L, Hq, Dh), k (batch, L, Hk, Dh), v (batch, L, Hv, Dh),
+        q and k rotated at positions pos (default 0..L-1)."""
         batch, L, _ = x.shape
-        H, Dh = self.n_heads, self.head_dim
+        Dh = self.head_dim
         q, k, v = self.qkv(x).split([self.Hq * Dh, self.Hk * Dh, self.Hv * Dh], dim=-1)
         q = q.view(batch, L, self.Hq, Dh)  # (batch, L, Hq, Dh)
         k = k.view(batch, L, self.Hk, Dh)  # (batch, L, Hk, Dh)
         v = v.view(batch, L, self.Hv, Dh)  # (batch, L, Hv, Dh)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        return q, k, v
+
+    def _expand_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Shared heads serve a group of H / count heads each: t with its heads (axis ``dim``)
+        repeated to H (a copy unless t already has H heads)."""
+        count, H = t.shape[dim], self.n_heads
+        if count == H:
+            return t
+        return t.repeat_interleave(H // count, dim=dim)
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._qkv(x)  # (batch, L, H*, Dh)
+        return self._attend(q, k, v, seq_idx)
+
+    def _attend(self, q, k, v, seq_idx=None) -> torch.Tensor:
+        """Causal attention of q, k, v (batch, L, H*, Dh) and the output projection -> (batch, L, d_model)."""
+        batch, L = q.shape[:2]
+        H, Dh = self.n_heads, self.head_dim
         # shared heads serve a group of H / count heads each (expand is a view, no copy)
         q, k, v = (t.unsqueeze(3).expand(batch, L, t.shape[2], H // t.shape[2], Dh).reshape(batch, L, H, Dh)
                    if t.shape[2] != H else t for t in (q, k, v))  # (batch, L, H, Dh)
@@ -95,6 +119,55 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_idx))
         y = y.transpose(1, 2).reshape(batch, L, H * Dh)  # (batch, L, d_model)
         return self.out(y)
+
+    # ---- decoding: a KV cache of fixed capacity ----------------------------------------------
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32, max_seqlen: int | None = None):
+        """(k_cache (batch, Hk, T, Dh), v_cache (batch, Hv, T, Dh), t) with T = max_seqlen (default
+        DEFAULT_CACHE_LEN) and t the number of tokens cached (a 0-dim long tensor: the next
+        token's position). The whole capacity is allocated up front: a decode step then has the
+        same shapes at every position and can be replayed from one CUDA graph. Only the distinct
+        key/value heads are cached (grouped-query attention's memory saving)."""
+        T = DEFAULT_CACHE_LEN if max_seqlen is None else max_seqlen
+        require_positive_int(T, "max_seqlen")
+        k_cache = torch.zeros(batch, self.Hk, T, self.head_dim, device=device, dtype=dtype)  # (batch, Hk, T, Dh)
+        v_cache = torch.zeros(batch, self.Hv, T, self.head_dim, device=device, dtype=dtype)  # (batch, Hv, T, Dh)
+        return k_cache, v_cache, torch.zeros((), dtype=torch.long, device=device)
+
+    def prefill(self, x: torch.Tensor, state):
+        """The prompt x (batch, L, d_model) through the parallel forward; its keys and values
+        (rotated at positions 0..L-1) fill the first L slots of the cache."""
+        k_cache, v_cache, t = state
+        L = x.shape[1]
+        if L > k_cache.shape[2]:
+            raise ValueError(f"prompt of {L} tokens exceeds the KV cache's capacity {k_cache.shape[2]} (max_seqlen)")
+        q, k, v = self._qkv(x)  # (batch, L, H*, Dh)
+        k_cache[:, :, :L] = k.transpose(1, 2).to(k_cache.dtype)  # (batch, Hk, L, Dh)
+        v_cache[:, :, :L] = v.transpose(1, 2).to(v_cache.dtype)  # (batch, Hv, L, Dh)
+        t.fill_(L)
+        return self._attend(q, k, v), state
+
+    def step(self, x_t: torch.Tensor, state):
+        """x_t (batch, d_model) -> (batch, d_model): the token's key and value go to slot t of the
+        cache, its query attends to slots 0..t (the rest of the capacity is masked out)."""
+        k_cache, v_cache, t = state
+        batch, T = x_t.shape[0], k_cache.shape[2]
+        H, Dh = self.n_heads, self.head_dim
+        if t.device.type == "cpu" and int(t) >= T:  # (on a GPU this check would sync every step)
+            raise ValueError(f"the KV cache is full ({T} tokens, max_seqlen)")
+        pos = t.reshape(1)  # (1,)
+        q, k, v = self._qkv(x_t[:, None], pos)  # (batch, 1, H*, Dh)
+        k_cache.index_copy_(2, pos, k.transpose(1, 2).to(k_cache.dtype))
+        v_cache.index_copy_(2, pos, v.transpose(1, 2).to(v_cache.dtype))
+        valid = (torch.arange(T, device=t.device) <= t)[None, None, None, :]  # (1, 1, 1, T)
+        q = self._expand_heads(q.transpose(1, 2), 1)  # (batch, H, 1, Dh)
+        kc, vc = k_cache.to(q.dtype), v_cache.to(q.dtype)  # (batch, Hk, T, Dh), (batch, Hv, T, Dh)
+        if self.Hk == self.Hv:  # SDPA's grouped-query mode reads the shared heads without copying
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=valid, enable_gqa=self.Hk != H)
+        else:  # mka (Hk = H, Hv = 1): copy the shared value head out to every head
+            y = F.scaled_dot_product_attention(q, self._expand_heads(kc, 1), self._expand_heads(vc, 1),
+                                               attn_mask=valid)
+        t.add_(1)
+        return self.out(y.reshape(batch, H * Dh)), state  # y (batch, H, 1, Dh)
 
     def flops_per_token(self, seq_len: int) -> int:
         """QK^T and AV: 2 matmuls x 2 FLOPs x L keys x head_dim x heads (full square, the
