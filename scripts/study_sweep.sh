@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A study on the lent GPU in one device call (issue 25): each line of SWEEPS is one
+# `ssdbench run -m` sweep run with the local launcher, JOBS runs sharing the GPU, each worker
+# process training job after job, so that the start-up (14-17 s of imports on the H100
+# machine) is paid once per worker, not per run (results/h100/engine/README.md). The sweeps run
+# one after another; after DEADLINE seconds from the start every job still training gets
+# SIGTERM (it saves its checkpoint and an `interrupted` record). The results go back tarred as
+# $OUT/NAME.tgz (run directory names hold '=' and ',', which the device tool does not copy as
+# files); if .studies/NAME.tgz is in the tree (carry: [".studies", ".whl"]) it is unpacked first,
+# so a rerun skips the finished runs and resumes the interrupted ones.
+#   DEADLINE=480 JOBS=4 bash scripts/study_sweep.sh scripts/sweeps_fig8_t256_b8_small.txt
+set -uo pipefail
+sweeps=$1
+name=$(basename "$sweeps" .txt)
+OUT=${OUT:-/tmp/out}
+DEADLINE=${DEADLINE:-480}
+JOBS=${JOBS:-4}
+RESULTS=/tmp/studies
+mkdir -p "$OUT" "$RESULTS"
+if [ -z "${SSDBENCH_ON_CPU:-}" ]; then  # on the device: the wheels, the package links
+  bash scripts/device.sh tests tests/test_record.py > /dev/null 2>&1
+  export PYTHONPATH=/tmp/site:$PWD
+  launcher="hydra/launcher=local jobs_per_gpu=$JOBS"
+else  # a CPU check of this script (tests the deadline and the tarball, not the GPU)
+  launcher="hydra/launcher=local hydra.launcher.n_jobs=$JOBS"
+fi
+export PYTHONUNBUFFERED=1
+[ -f ".studies/$name.tgz" ] && tar xzf ".studies/$name.tgz" -C "$RESULTS" && echo "resumed from .studies/$name.tgz"
+start=$SECONDS
+n=0
+while read -r line; do
+  case "$line" in ''|'#'*) continue ;; esac
+  n=$((n + 1))
+  left=$(( DEADLINE - (SECONDS - start) ))
+  if [ "$left" -lt 30 ]; then echo "sweep $n not started: ${left} s left"; continue; fi
+  echo "== sweep $n ($left s left): $line"
+  # its own process group, so that SIGTERM at the deadline reaches every worker and its job
+  # shellcheck disable=SC2086
+  setsid python3 -m ssdbench.cli run -m $launcher $line results_dir="$RESULTS" progress_bar=false \
+    > "$OUT/${name}_sweep$n.log" 2>&1 &
+  pid=$!
+  ( sleep "$left"; kill -TERM -- "-$pid" 2> /dev/null ) &
+  timer=$!
+  wait "$pid"
+  echo "sweep $n exit $?"
+  kill "$timer" 2> /dev/null
+  tail -n 30 "$OUT/${name}_sweep$n.log" | grep -E "job|ok|interrupted|failed|diverged" | tail -n 25
+done < "$sweeps"
+# the checkpoints of finished runs are not needed (a rerun skips them by their record); those
+# of interrupted runs are what a rerun resumes from
+python3 - "$RESULTS" <<'PY'
+import json, pathlib, sys
+for rec in pathlib.Path(sys.argv[1]).rglob("record.json"):
+    if json.loads(rec.read_text()).get("status") == "ok":
+        for ckpt in (rec.parent / "checkpoints").glob("*.ckpt"):
+            ckpt.unlink()
+PY
+tar czf "$OUT/$name.tgz" -C "$RESULTS" . && ls -la "$OUT/$name.tgz"
