@@ -11,7 +11,10 @@ from ssdbench.kernels import mamba2_fused
 from ssdbench.kernels.mamba2_fused import Dims, mamba2_inner
 from ssdbench.models.mamba2 import Mamba2Mixer
 
-TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
+# (output, gradients) relative-error limits. On the interpreter, measured over seeds 0-3 and all
+# head structures: fp32 output 2.2-2.4e-7, gradients up to 9.4e-6. On a GPU the compiled kernels'
+# fp32 dots may run in TF32 and bf16 autocast rounds every projection: the looser limits there.
+TOL = {torch.float32: (2e-6, 5e-5)} if not ON_GPU else {torch.float32: (2e-3, 4e-3), torch.bfloat16: (3e-2, 6e-2)}
 
 pytestmark = pytest.mark.usefixtures("random_seed")
 # Every test launches a Triton kernel (conftest fails one that does not) unless marked no_triton.
@@ -39,14 +42,16 @@ def check(hs, ngroups=2, L=37, seq=False, dtype=torch.float32, d_model=32, headd
     with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         y = mixer(ui, seq_idx=sq)
     yr = ref(ur, seq_idx=sq)
-    tol = TOL[dtype]
-    assert rel_err(y.detach(), yr.detach()) < tol
+    tol_y, tol_grad = TOL[dtype]
+    err = rel_err(y.detach(), yr.detach())
+    assert err < tol_y, f"output relative error {err:.3g} (limit {tol_y:.3g})"
     gy = torch.randn_like(yr)
     names = [n for n, _ in mixer.named_parameters()]
     got = torch.autograd.grad((y.double() * gy).sum(), [ui, *mixer.parameters()])
     want = torch.autograd.grad((yr * gy).sum(), [ur, *ref.parameters()])
     for name, a, r in zip(["u", *names], got, want):
-        assert rel_err(a, r) < 2 * tol, name
+        err = rel_err(a, r)
+        assert err < tol_grad, f"d{name}: relative error {err:.3g} (limit {tol_grad:.3g})"
 
 
 @pytest.mark.parametrize("hs", ["gva", "mva", "mqa", "mka", "mha"])
