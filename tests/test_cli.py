@@ -272,6 +272,13 @@ def test_training_lowers_the_loss(tmp_path):
     assert len(loss) == 6, loss  # steps 4, 9, ..., 29
     assert loss[-1] < 0.7 * loss[0], loss
     assert min(loss[-3:]) < min(loss[:3]), loss
+    # the record times the start-up: seconds from the process's start to the end of each phase
+    (path,) = tmp_path.rglob("record.json")
+    startup = json.loads(path.read_text())["startup_s"]
+    phases = ["imports_and_config", "trainer", "model_and_data", "first_step"]
+    assert list(startup) == phases, startup
+    assert 0 < startup["imports_and_config"] <= startup["trainer"] <= startup["model_and_data"] \
+        <= startup["first_step"] < 120, startup
 
 
 def test_resume_from_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
