@@ -3,18 +3,23 @@
 # `ssdbench run -m` sweep run with the local launcher, JOBS runs sharing the GPU, each worker
 # process training job after job, so that the start-up (14-17 s of imports on the H100
 # machine) is paid once per worker, not per run (results/h100/engine/README.md). The sweeps run
-# one after another; after DEADLINE seconds from the start every job still training gets
+# one after another; no job starts after START_BY seconds from the start (SSDBENCH_NO_START_AFTER:
+# leave room for the longest job), and after DEADLINE seconds every job still training gets
 # SIGTERM (it saves its checkpoint and an `interrupted` record). The results go back tarred as
 # $OUT/NAME.tgz (run directory names hold '=' and ',', which the device tool does not copy as
 # files); if .studies/NAME.tgz is in the tree (carry: [".studies", ".whl"]) it is unpacked first,
 # so a rerun skips the finished runs and resumes the interrupted ones.
-#   DEADLINE=480 JOBS=4 bash scripts/study_sweep.sh scripts/sweeps_fig8_t256_b8_small.txt
+# The device returns files of at most 16 MiB: past that the checkpoints stay behind (an
+# interrupted run then starts afresh when rerun).
+#   DEADLINE=540 START_BY=400 JOBS=4 bash scripts/study_sweep.sh scripts/sweeps_fig8_t256_b8_d32_64.txt
 set -uo pipefail
 sweeps=$1
 name=$(basename "$sweeps" .txt)
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-480}
 JOBS=${JOBS:-4}
+START_BY=${START_BY:-$(( DEADLINE * 3 / 4 ))}
+export SSDBENCH_NO_START_AFTER=$(( $(date +%s) + START_BY ))
 RESULTS=/tmp/studies
 mkdir -p "$OUT" "$RESULTS"
 if [ -z "${SSDBENCH_ON_CPU:-}" ]; then  # on the device: the wheels, the package links
@@ -55,4 +60,9 @@ for rec in pathlib.Path(sys.argv[1]).rglob("record.json"):
         for ckpt in (rec.parent / "checkpoints").glob("*.ckpt"):
             ckpt.unlink()
 PY
-tar czf "$OUT/$name.tgz" -C "$RESULTS" . && ls -la "$OUT/$name.tgz"
+tar czf "$OUT/$name.tgz" -C "$RESULTS" .
+if [ "$(stat -c %s "$OUT/$name.tgz")" -gt $(( 15 * 1024 * 1024 )) ]; then
+  echo "the results with checkpoints pass 15 MiB: sent without them"
+  tar czf "$OUT/$name.tgz" --exclude="*.ckpt" -C "$RESULTS" .
+fi
+ls -la "$OUT/$name.tgz"

@@ -715,6 +715,10 @@ class SweepJournal(HydraCallback):
         os.environ[JOURNAL_ENV] = str(folder)
 
 
+# Unix time after which `ssdbench run` starts no new job (an ok one is still skipped as usual)
+NO_START_AFTER_ENV = "SSDBENCH_NO_START_AFTER"
+
+
 def _journal(status: str, error: str | None = None, metrics: dict | None = None) -> None:
     """Record this job's outcome in the sweep journal (rank 0 only; nothing outside a sweep)."""
     folder = os.environ.get(JOURNAL_ENV)
@@ -797,6 +801,16 @@ def _job(cfg: DictConfig):
         FAILED_JOBS.append(f"{job}: {message}")
 
     previous, differences = _previous_run(cfg, Path(job))
+    deadline = os.environ.get(NO_START_AFTER_ENV)
+    if deadline and time.time() > float(deadline) and not (previous or {}).get("status") == "ok":
+        # a sweep inside a time limit (a job scheduler's, or scripts/study_sweep.sh's): jobs
+        # that would not finish are not started, instead of being killed half-way
+        print(f"ssdbench run: not started, past {NO_START_AFTER_ENV}={deadline}: {job}", file=sys.stderr)
+        _journal("not started", f"past {NO_START_AFTER_ENV}")
+        if not multirun:
+            sys.exit(EXIT_INTERRUPTED)
+        FAILED_JOBS.append(f"{job}: not started (past {NO_START_AFTER_ENV})")
+        return None
     fresh = False
     if previous is not None and previous.get("status") == "ok":
         if not differences and not cfg.get("force", False):

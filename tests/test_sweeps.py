@@ -249,3 +249,22 @@ def test_sigterm_during_sequential_sweep_stops_it_with_records(tmp_path):
         assert record(second)["status"] == "interrupted", out[-2000:]  # SIGTERM is for the whole sweep
     else:  # not started: nothing trained there
         assert not list(second.rglob("*.ckpt"))
+
+
+def test_no_job_starts_after_the_deadline(tmp_path, monkeypatch):
+    """SSDBENCH_NO_START_AFTER (Unix time): past it a sweep starts no new job (one finished ok
+    is still skipped as usual), so a time-limited allocation ends without runs killed
+    half-way; the summary counts them and the exit code says the sweep is incomplete."""
+    args = [*TINY, f"results_dir={tmp_path}", "study=dl", "trainer.max_steps=3"]
+    ssdbench("run", *args, "seed=1", cwd=tmp_path, check=0)
+    monkeypatch.setenv("SSDBENCH_NO_START_AFTER", str(time.time() - 1))
+    p = ssdbench("run", "-m", *args, "seed=1,2", cwd=tmp_path)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert p.stderr.count("not started, past SSDBENCH_NO_START_AFTER") == 1, p.stderr[-3000:]
+    assert "1 not started, 1 skipped" in p.stderr, p.stderr[-3000:]
+    recs = _records(tmp_path / "dl")
+    assert sorted(r["status"] for r in recs.values()) == ["ok"]  # seed=2 left no record
+    # a single run past the deadline: one line, exit 130, nothing trained
+    p = ssdbench("run", *args, "seed=3", cwd=tmp_path, check=130)
+    assert "not started" in p.stderr and "Traceback" not in p.stderr
+    assert len(_records(tmp_path / "dl")) == 1
