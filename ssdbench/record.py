@@ -131,7 +131,7 @@ OPERATIONAL_KEYS = frozenset({"progress_bar", "resume", "force", "results_dir", 
 # a rerun of an older finished sweep still skips its jobs instead of training them afresh.
 ADDED_KEYS = {"trainer.cuda_graph": "auto", "budget": None, "budget_over_paper": False, "paper": None,
               "optim.schedule": "cosine", "optim.min_lr_ratio": None, "task.cache": True,
-              "task.fresh_data": False}
+              "task.fresh_data": False, "model.abs_positions": False}
 
 
 def config_differences(recorded: dict, current: dict, ignore=OPERATIONAL_KEYS) -> list[str]:

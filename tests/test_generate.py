@@ -26,6 +26,7 @@ V = 64
 TINY = {
     "transformerpp": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4),
     "transformerpp-gqa": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
+    "transformerpp-abs": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, rope=False, abs_positions=True),
     "transformerpp-mva": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, head_structure="mva"),
     "transformerpp-mka": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, head_structure="mka"),
     "mamba2": lambda: Mamba2(V, d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=8, impl="torch"),

@@ -14,6 +14,7 @@ V = 97
 TINY = {
     "transformerpp": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4),
     "transformerpp-gqa": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
+    "transformerpp-abs": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, rope=False, abs_positions=True),
     "transformerpp-nope": lambda: TransformerPP(V, d_model=32, n_layers=2, n_heads=4, rope=False),
     "based": lambda: __import__("ssdbench.models.based", fromlist=["Based"]).Based(V, d_model=32, n_layers=3, n_heads=4, feature_dim=8, window=4, layer_pattern=["linear_attn", "sliding_window", "base_conv"]),
     "based-chain": lambda: __import__("ssdbench.models.based", fromlist=["Based"]).Based(V, d_model=32, n_layers=2, n_heads=2, window=3, mlp=False, layer_pattern=["base_conv+linear_attn", "base_conv+sliding_window"]),
@@ -166,3 +167,30 @@ def test_warmup_cosine_schedule():
 def test_bad_transformer_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TransformerPP(V, n_layers=1, **kwargs)
+
+
+def test_absolute_positions_by_hand():
+    """The sinusoidal encoding at a few positions, written out; positions restart at every
+    packed document; and they reach the output: with RoPE off, the same tokens give different
+    logits when they sit at other positions only if abs_positions is on."""
+    import math
+
+    from ssdbench.models.transformerpp import positions_in_documents, sinusoidal_positions
+
+    pe = sinusoidal_positions(torch.tensor([0, 1, 7]), 6)  # (3, 6)
+    for row, p in enumerate((0, 1, 7)):
+        want = []
+        for i in range(3):
+            w = p / 10000 ** (2 * i / 6)
+            want += [math.sin(w), math.cos(w)]
+        torch.testing.assert_close(pe[row], torch.tensor(want), rtol=1e-6, atol=1e-6)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    assert positions_in_documents(seq_idx).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+
+    x = torch.tensor([[5, 5, 5, 5]])
+    for abs_positions, differ in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        m = TransformerPP(V, d_model=32, n_layers=1, n_heads=4, rope=False, abs_positions=abs_positions).double()
+        with torch.no_grad():
+            y = m(x)[0]  # (4, V): one token repeated: without positions every position sees the same
+        assert (not torch.allclose(y[0], y[3])) == differ, abs_positions

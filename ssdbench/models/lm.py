@@ -192,10 +192,21 @@ class LanguageModel(nn.Module):
         on an H100 against 2.5 ms compiled; results/h100/session6). That is the CPU path; on a GPU
         ``_head`` takes the fused Triton head and loss instead (kernels/cross_entropy.py).
         """
-        hidden, residual = self.embedding(input_ids), None  # (batch, L, d_model)
+        hidden, residual = self.embed(input_ids, seq_idx), None  # (batch, L, d_model)
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, seq_idx=seq_idx)
         return self._head(hidden, residual, labels, ignore_index)
+
+    def embed(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (batch, L) -> the first block's input (batch, L, d_model): the token
+        embedding (an architecture with absolute positions adds them here, restarting at each
+        document of seq_idx)."""
+        return self.embedding(input_ids)
+
+    def embed_step(self, input_ids: torch.Tensor, state: list) -> torch.Tensor:
+        """input_ids (batch,) -> (batch, d_model), ``embed`` for one decoding step (the
+        position, where one is needed, comes from the state)."""
+        return self.embedding(input_ids)
 
     def _head(self, hidden: torch.Tensor, residual: torch.Tensor | None, labels: torch.Tensor | None,
               ignore_index: int) -> torch.Tensor:
@@ -241,7 +252,7 @@ class LanguageModel(nn.Module):
         """input_ids (batch, L) -> logits (batch, vocab_size) at the last position, and the state
         after the prompt (written in place into ``state``, fresh from allocate_state): the
         parallel forward of every layer instead of L steps (see the module docstring)."""
-        x = self.embedding(input_ids)  # (batch, L, d_model)
+        x = self.embed(input_ids)  # (batch, L, d_model) at positions 0..L-1
         for layer, s in zip(self.layers, state):
             x, _ = layer.prefill(x, s)
         # the head on the last position only: (batch, L, vocab) logits of a long prompt at a
@@ -251,7 +262,7 @@ class LanguageModel(nn.Module):
 
     def step(self, input_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """input_ids (batch,) -> logits (batch, vocab_size) for that position, and the new state."""
-        x = self.embedding(input_ids)  # (batch, d_model)
+        x = self.embed_step(input_ids, state)  # (batch, d_model)
         new_state = []
         for layer, s in zip(self.layers, state):
             x, s = layer.step(x, s)

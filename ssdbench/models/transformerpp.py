@@ -1,5 +1,8 @@
 """Transformer++: causal softmax attention with RoPE, SwiGLU MLP, RMSNorm, no biases.
 
+``abs_positions=true`` adds fixed sinusoidal absolute positions to the token embedding (with
+``rope=false``: the absolute-position attention of the Mamba paper's induction-heads table).
+
 The "strong Transformer recipe" of the Mamba papers (PaLM/LLaMA style). Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention on GPUs). Grouped-query
 attention: ``n_kv_heads`` key/value heads shared by groups of the ``n_heads`` query heads
@@ -15,6 +18,8 @@ v are per head. ``head_structure`` gives the numbers of distinct (q, k, v) heads
     mka  multi-key           (1, H, 1)      shared q and v, keys per head
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,26 @@ class RotaryEmbedding(nn.Module):
         cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)  # (batch, L, heads, head_dim/2) each
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def sinusoidal_positions(pos: torch.Tensor, d_model: int) -> torch.Tensor:
+    """The fixed absolute position encoding of Vaswani et al. (2017): pos (...) integer
+    positions -> (..., d_model) fp32, channel 2i = sin(pos / 10000^(2i/d)), 2i+1 = cos(same)."""
+    freq = torch.exp(torch.arange(0, d_model, 2, device=pos.device, dtype=torch.float32)
+                     * (-math.log(10000.0) / d_model))  # (ceil(d/2),)
+    angles = pos.to(torch.float32)[..., None] * freq  # (..., ceil(d/2))
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[..., :d_model]  # (..., d_model)
+
+
+def positions_in_documents(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx (batch, L) -> each token's position within its document (batch, L), 0 at every
+    document's first token."""
+    L = seq_idx.shape[1]
+    idx = torch.arange(L, device=seq_idx.device).expand_as(seq_idx)  # (batch, L)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)  # (batch, L): True at a document's first token
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (batch, L)
+    return idx - first
 
 
 def document_mask(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -183,7 +208,7 @@ class TransformerPP(LanguageModel):
 
     def __init__(self, vocab_size: int, d_model: int = 768, n_layers: int = 12, n_heads: int = 12,
                  n_kv_heads: int | None = None, head_structure: str = "mha", ngroups: int | None = None,
-                 rope: bool = True, rope_base: float = 10000.0,
+                 rope: bool = True, rope_base: float = 10000.0, abs_positions: bool = False,
                  mlp_hidden: int | None = None, mlp_multiple_of: int = 64,
                  norm_eps: float = 1e-5, init_std: float = 0.02, pad_vocab_multiple: int = 8):
         for field, value in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads).items():
@@ -208,3 +233,28 @@ class TransformerPP(LanguageModel):
             make_mlp=lambda i: SwiGLU(d_model, mlp_hidden, mlp_multiple_of),
             norm_eps=norm_eps, init_std=init_std, pad_vocab_multiple=pad_vocab_multiple,
         )
+        require(isinstance(abs_positions, bool), "model.abs_positions", f"must be true or false, got {abs_positions!r}")
+        self.abs_positions = abs_positions
+        # the encoding's RMS is 1/sqrt(2): scaled to the embedding's initial std, so that at
+        # initialisation neither the token nor its position drowns the other
+        self.pos_scale = init_std * math.sqrt(2.0)
+
+    def embed(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embedding, plus with ``abs_positions`` the sinusoidal encoding of each token's
+        position in its document (the Mamba paper's "MHA-Absolute" on induction heads;
+        ``rope=false abs_positions=true`` is that model, RoPE is the default)."""
+        x = self.embedding(input_ids)  # (batch, L, d_model)
+        if not self.abs_positions:
+            return x
+        L = input_ids.shape[1]
+        pos = torch.arange(L, device=input_ids.device) if seq_idx is None else positions_in_documents(seq_idx)
+        return x + (self.pos_scale * sinusoidal_positions(pos, self.d_model)).to(x.dtype)  # (batch, L, d_model)
+
+    def embed_step(self, input_ids: torch.Tensor, state: list) -> torch.Tensor:
+        """One decoding step: the position is the KV cache's count of tokens (layer 0's, before
+        this step adds one)."""
+        x = self.embedding(input_ids)  # (batch, d_model)
+        if not self.abs_positions:
+            return x
+        t = state[0][2]  # () long: tokens cached so far = this token's position
+        return x + (self.pos_scale * sinusoidal_positions(t, self.d_model)).to(x.dtype)  # (batch, d_model)
