@@ -287,6 +287,13 @@ def _show(df: pd.DataFrame, title: str):
         print(df.to_string(index=False))
 
 
+def _segments_arg(value: str) -> str:
+    """--segments: "auto" or a positive number of time segments (argparse reports the rest)."""
+    if value != "auto" and not (value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {value!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(prog="bench_scan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=["scan", "conv", "long", "all"], default="scan",
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="L values for (d)")
     ap.add_argument("--long-tokens", type=int, default=1 << 20, help="tokens per batch for (d) (batch = tokens / L)")
     ap.add_argument("--long-state", type=int, default=16, help="N for (d)")
-    ap.add_argument("--segments", nargs="+", default=["auto", "1"],
+    ap.add_argument("--segments", nargs="+", default=["auto", "1"], type=_segments_arg,
                     help="time segments for (d): auto (the launcher's rule) and/or forced counts, a row each")
     ap.add_argument("--long-bwd", action="store_true", help="(d) also times forward+backward")
     ap.add_argument("--out", default="results/bench/scan", help="folder for the CSV and Markdown tables")

@@ -719,6 +719,17 @@ class SweepJournal(HydraCallback):
 NO_START_AFTER_ENV = "SSDBENCH_NO_START_AFTER"
 
 
+def _no_start_after() -> float | None:
+    """SSDBENCH_NO_START_AFTER as a Unix time (None when unset); ConfigError when it is not one."""
+    value = os.environ.get(NO_START_AFTER_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(NO_START_AFTER_ENV, f"must be a Unix time in seconds (date +%s), got {value!r}") from None
+
+
 def _journal(status: str, error: str | None = None, metrics: dict | None = None) -> None:
     """Record this job's outcome in the sweep journal (rank 0 only; nothing outside a sweep)."""
     folder = os.environ.get(JOURNAL_ENV)
@@ -801,8 +812,12 @@ def _job(cfg: DictConfig):
         FAILED_JOBS.append(f"{job}: {message}")
 
     previous, differences = _previous_run(cfg, Path(job))
-    deadline = os.environ.get(NO_START_AFTER_ENV)
-    if deadline and time.time() > float(deadline) and not (previous or {}).get("status") == "ok":
+    try:
+        deadline = _no_start_after()
+    except ConfigError as e:
+        fail(EXIT_CONFIG, "invalid", f"invalid config: {e}", str(e))
+        return None
+    if deadline is not None and time.time() > deadline and not (previous or {}).get("status") == "ok":
         # a sweep inside a time limit (a job scheduler's, or scripts/study_sweep.sh's): jobs
         # that would not finish are not started, instead of being killed half-way
         print(f"ssdbench run: not started, past {NO_START_AFTER_ENV}={deadline}: {job}", file=sys.stderr)

@@ -5,6 +5,8 @@ Conventions the models use (and the hand counts below follow): a multiply-add is
 causal Q x Q product within a chunk counts half the square (Q^2 / 2 pairs x 2 FLOPs = Q^2 per
 contracted element); a sliding window counts min(W, L) keys for every query.
 """
+import pytest
+
 from ssdbench.bench_based import based_bytes, based_flops
 from ssdbench.bench_scan import SCAN_FLOPS_PER_STATE, _scan_bytes
 from ssdbench.bench_ssd import _ssd_bytes, _ssd_flops
@@ -92,3 +94,13 @@ def test_window_flops_hand_count():
     assert window_flops(2, 5, 3, 4, 2) == 30 * 32 == 960
     # window wider than the sequence: W 8, L 5 -> 5 keys a query: 4 * 5 * 4 = 80 a (token, head)
     assert window_flops(2, 5, 3, 4, 8) == 30 * 80 == 2400
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "-2"])
+def test_bench_scan_segments_must_be_auto_or_a_positive_count(bad, capsys):
+    from ssdbench import bench_scan
+
+    with pytest.raises(SystemExit) as e:
+        bench_scan.main(["--op", "long", "--segments", "auto", bad])
+    assert e.value.code == 2
+    assert "--segments: expected auto or a positive integer" in capsys.readouterr().err

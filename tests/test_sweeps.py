@@ -264,6 +264,11 @@ def test_no_job_starts_after_the_deadline(tmp_path, monkeypatch):
     assert "1 not started, 1 skipped" in p.stderr, p.stderr[-3000:]
     recs = _records(tmp_path / "dl")
     assert sorted(r["status"] for r in recs.values()) == ["ok"]  # seed=2 left no record
+    # not a Unix time: one line, exit 2
+    monkeypatch.setenv("SSDBENCH_NO_START_AFTER", "tomorrow")
+    p = ssdbench("run", *args, "seed=4", cwd=tmp_path, check=2)
+    assert "SSDBENCH_NO_START_AFTER: must be a Unix time" in p.stderr and "Traceback" not in p.stderr
+    monkeypatch.setenv("SSDBENCH_NO_START_AFTER", str(time.time() - 1))
     # a single run past the deadline: one line, exit 130, nothing trained
     p = ssdbench("run", *args, "seed=3", cwd=tmp_path, check=130)
     assert "not started" in p.stderr and "Traceback" not in p.stderr
