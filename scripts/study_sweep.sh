@@ -11,7 +11,7 @@
 # so a rerun skips the finished runs and resumes the interrupted ones.
 # The device returns files of at most 16 MiB: past that the checkpoints stay behind (an
 # interrupted run then starts afresh when rerun).
-#   DEADLINE=540 START_BY=400 JOBS=4 bash scripts/study_sweep.sh scripts/sweeps_fig8_t256_b8_d32_64.txt
+#   DEADLINE=540 START_BY=400 JOBS=4 bash scripts/study_sweep.sh scripts/sweeps_fig8_t256_b8_d64.txt
 set -uo pipefail
 sweeps=$1
 name=$(basename "$sweeps" .txt)
