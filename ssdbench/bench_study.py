@@ -20,6 +20,11 @@ floor the loop can reach. ``ratio`` = run_step_ms / graph_step_ms.
 is the record's wall-time difference between a run of ``--steps`` and one of a fifth as many
 steps, over the difference in steps. ``--jobs-per-gpu k`` adds the aggregate tokens/s of k
 runs sharing the GPU against one run alone.
+
+``--gather-labels off`` runs with ``trainer.gather_labels=false`` (the loss's head on every
+token instead of MQAR's labelled ones only); ``both`` gives a row for each, column
+``gather_labels``, to compare them in one call. The bare step computes the head on every
+token either way (random tokens, all labelled), so with the gather ``ratio`` can fall below 1.
 """
 from __future__ import annotations
 
@@ -41,9 +46,10 @@ ARCHS = ("mamba2", "transformerpp", "mamba1", "based")
 T, VOCAB = 256, 8192
 
 
-def overrides(arch: str, d_model: int, batch: int, steps: int, graphs: bool) -> list[str]:
+def overrides(arch: str, d_model: int, batch: int, steps: int, graphs: bool, gather: bool = True) -> list[str]:
     """A Figure 8 shaped run: one MQAR segment at T/4 pairs, 50 batches an epoch, no validation
-    until the end and no checkpoint before it (both would be timed in the loop)."""
+    until the end and no checkpoint before it (both would be timed in the loop); ``gather``:
+    trainer.gather_labels."""
     n_train = 50 * batch
     return [f"model={arch}", "model.n_layers=2", f"model.d_model={d_model}", "task=mqar",
             f"task.vocab_size={VOCAB}", f"task.seq_len={T}", f"task.batch_size={batch}",
@@ -51,7 +57,8 @@ def overrides(arch: str, d_model: int, batch: int, steps: int, graphs: bool) -> 
             "task.test_segments=[{kv_fraction:0.25,num_examples:256}]",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
             f"checkpoint_every={steps}", "trainer.log_every_n_steps=50",
-            f"trainer.cuda_graph={'true' if graphs else 'false'}", "progress_bar=false", "optim.lr=1e-3"]
+            f"trainer.cuda_graph={'true' if graphs else 'false'}", f"trainer.gather_labels={str(gather).lower()}",
+            "progress_bar=false", "optim.lr=1e-3"]
 
 
 def launch(args: list[str], results: Path, tag: str) -> subprocess.Popen:
@@ -101,16 +108,34 @@ def _phases(startup: dict | None) -> str | None:
     return None if not startup else ", ".join(f"{k} {v:.1f}" for k, v in startup.items())
 
 
-def case(arch: str, d_model: int, batch: int, steps: int, results: Path, lightning: bool) -> list[dict]:
+def case(arch: str, d_model: int, batch: int, steps: int, results: Path, lightning: bool,
+         gathers: tuple[bool, ...] = (True,)) -> list[dict]:
     rows = []
-    base = dict(model=arch, d_model=d_model, batch=batch, T=T)
     try:
         floor = graph_step_ms(arch, d_model, batch)
     except Exception as e:  # noqa: BLE001 - one failing case must not end the table
-        return [dict(base, loop="graphs", status=f"bare step failed: {type(e).__name__}: {e}"[:160])]
-    tag = f"{arch}_d{d_model}_b{batch}"
+        return [dict(model=arch, d_model=d_model, batch=batch, T=T, loop="graphs",
+                     status=f"bare step failed: {type(e).__name__}: {e}"[:160])]
+    for gather in gathers:
+        rows += _runs(arch, d_model, batch, steps, results, lightning, gather, floor)
+    for row in rows:
+        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+    return rows
+
+
+def _runs(arch: str, d_model: int, batch: int, steps: int, results: Path, lightning: bool, gather: bool,
+          floor: float) -> list[dict]:
+    """The rows of one case at one trainer.gather_labels: the graphed loop (and Lightning's)."""
+    rows = []
+    base = dict(model=arch, d_model=d_model, batch=batch, T=T, gather_labels=gather)
+    tag = f"{arch}_d{d_model}_b{batch}" + ("" if gather else "_nogather")
+
+    def args(n, graphs):
+        return overrides(arch, d_model, batch, n, graphs, gather)
+
     try:
-        r, t0, _ = run_once(overrides(arch, d_model, batch, steps, True), results, tag + "_graphs")
+        r, t0, _ = run_once(args(steps, True), results, tag + "_graphs")
         g = r.get("cuda_graph") or {}
         run_ms = g.get("steady_step_ms")
         rows.append(dict(base, loop=g.get("mode"), graph_step_ms=floor, run_step_ms=run_ms,
@@ -124,17 +149,14 @@ def case(arch: str, d_model: int, batch: int, steps: int, results: Path, lightni
     if lightning:
         try:
             short = max(50, steps // 5)
-            r_long, _, _ = run_once(overrides(arch, d_model, batch, steps, False), results, tag + "_pl_long")
-            r_short, _, _ = run_once(overrides(arch, d_model, batch, short, False), results, tag + "_pl_short")
+            r_long, _, _ = run_once(args(steps, False), results, tag + "_pl_long")
+            r_short, _, _ = run_once(args(short, False), results, tag + "_pl_short")
             ms = 1e3 * (r_long["wall_time_s"] - r_short["wall_time_s"]) / (steps - short)
             rows.append(dict(base, loop="lightning", graph_step_ms=floor, run_step_ms=ms, ratio=ms / floor,
                              tokens_per_s=batch * T / (ms / 1e3), val_acc=(r_long.get("metrics") or {}).get("val/acc"),
                              status="ok"))
         except Exception as e:  # noqa: BLE001
             rows.append(dict(base, loop="lightning", graph_step_ms=floor, status=f"failed: {e}"[:300]))
-    for row in rows:
-        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
     return rows
 
 
@@ -166,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="64, and 1024 = 2^18 tokens at T=256 (the Figure 8 protocol's batch)")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--lightning", action="store_true", help="also time Lightning's loop (trainer.cuda_graph=false)")
+    ap.add_argument("--gather-labels", choices=("on", "off", "both"), default="on",
+                    help="trainer.gather_labels of the runs (off: the head on every token; both: a row each)")
     ap.add_argument("--jobs-per-gpu", type=int, default=0, help="also time k runs sharing the GPU (first model, "
                                                                 "first width, first batch)")
     ap.add_argument("--out", type=Path, default=None, help="folder for bench_study.csv / .md")
@@ -174,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         print("ssdbench bench study: --steps must be at least 100", file=sys.stderr)
         return 2
     bench_report.require_cuda("study")
+    gathers = {"on": (True,), "off": (False,), "both": (True, False)}[args.gather_labels]
     rows, share = [], []
     with tempfile.TemporaryDirectory(prefix="ssdbench-study-") as tmp:
         results = Path(tmp)
         for arch in args.models:
             for d in args.d_model:
                 for b in args.batch:
-                    rows += case(arch, d, b, args.steps, results, args.lightning)
+                    rows += case(arch, d, b, args.steps, results, args.lightning, gathers)
         if args.jobs_per_gpu > 1:
             share.append(shared_gpu(args.models[0], args.d_model[0], args.batch[0], args.steps,
                                     args.jobs_per_gpu, results))

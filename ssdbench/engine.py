@@ -8,9 +8,10 @@ Mamba-2 MQAR step (T=256, D=64, batch 64) took 11.35 ms in ``ssdbench run`` agai
 replayed from a CUDA graph (the design card's table). This loop keeps what a run needs
 (checkpoints, resume, SIGTERM, the record, CSV/W&B logs, validation) and drops the rest:
 
-* one CUDA graph per input shape (a curriculum's segments, mixed lengths), captured the second
-  time the shape comes (the first time runs eagerly: it compiles and autotunes the kernels and
-  creates the optimizer state, which a capture cannot do); graphs share one memory pool;
+* one CUDA graph per input shape (a curriculum's segments, mixed lengths) and K, the labelled
+  positions per row the loss's head sees (see _key), captured the second time the key comes
+  (the first time runs eagerly: it compiles and autotunes the kernels and creates the
+  optimizer state, which a capture cannot do); graphs share one memory pool;
 * the graph holds the whole step: zero the gradients, forward and loss under autocast,
   backward, gradient clipping by norm, fused AdamW with ``capturable=True`` reading its
   learning rate from a device tensor that the schedule fills before each replay;
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ssdbench.errors import ConfigError, DivergedError
+from ssdbench.lit import MAX_LABELS
 
 ENGINE_KEY = "ssdbench_engine"  # checkpoint entry: the data position of the engine's loop
 PRECISIONS = {"bf16-mixed": torch.bfloat16, "32-true": None, "32": None}
@@ -157,7 +159,7 @@ class Engine:
         self.amp_dtype = PRECISIONS.get(str(trainer.precision)) if self.device.type == "cuda" else None
         self.global_step = 0
         self.epoch, self.batch_in_epoch = 0, 0
-        self.graphs: dict[tuple, tuple] = {}  # shape key -> (graph, static inputs, static loss)
+        self.graphs: dict[tuple, tuple] = {}  # _key -> (graph, static inputs, static loss)
         self.seen: set[tuple] = set()
         self.pool = None
         self.fallback: str | None = None  # why graphs were switched off mid-run
@@ -241,19 +243,25 @@ class Engine:
         return loss.detach()
 
     def _key(self, batch: dict) -> tuple:
-        return tuple((k, tuple(batch[k].shape), batch[k].dtype) for k in MODEL_KEYS if k in batch)
+        """(the inputs' (name, shape, dtype)s, K): what a graph fixes. K is the positions per row
+        the loss computes the head on (SequenceLM.loss_positions, None: all), a Python int the
+        graph bakes in: two segments of one shape whose rows hold different numbers of labels
+        must not share the graph of the smaller K (it would drop labels)."""
+        shapes = tuple((k, tuple(batch[k].shape), batch[k].dtype) for k in MODEL_KEYS if k in batch)
+        return shapes, self.lit.loss_positions(batch)
 
     def _capture(self, key, batch):
-        """A graph of one step at this shape, over static input buffers (no step is taken)."""
-        static = {k: torch.empty(tuple(shape), dtype=dtype, device=self.device) for k, shape, dtype in key}
-        for k in static:
-            static[k].copy_(batch[k])
+        """A graph of one step at this key, over static input buffers (no step is taken)."""
+        shapes, k = key
+        static = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, shape, dtype in shapes}
+        for name in static:
+            static[name].copy_(batch[name])
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            loss = self._body(static)
+            loss = self._body({**static, MAX_LABELS: k})
         return graph, static, loss
 
     def step(self, batch: dict) -> torch.Tensor:
@@ -276,7 +284,8 @@ class Engine:
             graph.replay()
         else:
             self.seen.add(key)
-            inputs = {k: batch[k].to(self.device, non_blocking=True) for k, *_ in key}
+            inputs = {k: batch[k].to(self.device, non_blocking=True) for k, *_ in key[0]}
+            inputs[MAX_LABELS] = key[1]
             if self.use_graphs:  # warm-up steps run on a side stream, as capture asks
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))

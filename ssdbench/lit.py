@@ -22,9 +22,25 @@ import torch.nn.functional as F
 
 from ssdbench import tokenizer as _tokenizer  # noqa: F401 - registers ${ssdbench.tokenizer_vocab:...} for configs
 from ssdbench.errors import ConfigError, DivergedError
-from ssdbench.models.lm import LanguageModel
+from ssdbench.models.lm import LanguageModel, labelled_positions
 
 IGNORE = -100
+# A batch entry of the synthetic tasks (tasks/base.py): a Python int, the most labelled
+# positions in any row of the data the batch comes from (its segment), so that the loss can
+# compute the head on that many positions per row instead of all of them (loss_positions).
+MAX_LABELS = "max_labels"
+
+
+def gather_pays(max_labels: int | None, seq_len: int) -> bool:
+    """Whether the head on ``max_labels`` gathered positions per row beats the head on all
+    ``seq_len``: when they are at most half the row (the gather, its scatter in the backward
+    and the sort cost a few passes over (batch, L, d_model); a language-modelling batch, which
+    labels every token, keeps the plain head).
+
+    >>> gather_pays(64, 256), gather_pays(200, 256), gather_pays(None, 256)
+    (True, False, False)
+    """
+    return max_labels is not None and 2 * max_labels <= seq_len
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -71,7 +87,8 @@ class SequenceLM(L.LightningModule):
     def __init__(self, model: LanguageModel, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100,
                  min_lr: float = 1e-5, total_steps: int = 1000, slice_names: list[str] | None = None,
-                 fused_adamw: bool = False, schedule: str = "cosine", min_lr_ratio: float | None = None):
+                 fused_adamw: bool = False, schedule: str = "cosine", min_lr_ratio: float | None = None,
+                 gather_labels: bool = True):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
@@ -86,6 +103,9 @@ class SequenceLM(L.LightningModule):
         # when unset, min_lr is the floor in absolute terms
         self.min_ratio = min_lr_ratio if min_lr_ratio is not None else min(1.0, min_lr / lr)
         self.slice_names = list(slice_names or [])
+        # trainer.gather_labels: the head only on the labelled positions where a batch says how
+        # many there are (MAX_LABELS); off, on every position (the A/B switch; same results)
+        self.gather_labels = bool(gather_labels)
         self.tokens_seen = 0  # training tokens, saved in checkpoints so resumes keep counting
         self._batch_tokens = 0
         self._eval_reset()
@@ -94,10 +114,30 @@ class SequenceLM(L.LightningModule):
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)
 
+    def loss_positions(self, batch) -> int | None:
+        """K, the positions per row the loss computes the head on (each row's labelled ones,
+        then ignored ones to fill K), or None for all of them: the batch's MAX_LABELS when the
+        gather is on and pays (gather_pays). A Python int read from the batch, never from the
+        labels on the device; the graphed loop keys its graphs by it (Engine._key). Batches
+        without MAX_LABELS (language modelling, or data that does not count its labels) keep the
+        head on every position, in Lightning's loop as in the graphed one. Idempotent: K in
+        place of MAX_LABELS gives K again (the graphed loop passes it so)."""
+        k = batch.get(MAX_LABELS)
+        if not self.gather_labels or not gather_pays(k, batch["labels"].shape[-1]):
+            return None
+        return int(k)
+
     def _loss(self, batch) -> torch.Tensor:
         # the model computes the loss itself, so a compiled model fuses it (LanguageModel.forward)
-        return self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"],
-                          ignore_index=IGNORE)
+        labels, positions = batch["labels"], None  # (batch, L)
+        k = self.loss_positions(batch)
+        if k is not None:
+            # every real label of each row is among its k picks, so the mean's denominator (the
+            # count of real labels) and every gradient are those of the head on all positions
+            positions = labelled_positions(labels, k, IGNORE)  # (batch, K)
+            labels = labels.gather(1, positions)  # (batch, K)
+        return self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=labels,
+                          ignore_index=IGNORE, positions=positions)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
@@ -128,27 +168,37 @@ class SequenceLM(L.LightningModule):
 
     def _eval_step(self, batch):
         """Adds one batch to the per-slice sums, on the batch's device and without reading
-        anything back (weights instead of boolean indexing, which would wait for the GPU)."""
-        logits = self(batch["input_ids"], batch.get("seq_idx"))  # (batch, L, V)
+        anything back (weights instead of boolean indexing, which would wait for the GPU).
+        Where the loss gathers its labelled positions (loss_positions), so does this: the head
+        on K positions per row, the others count for nothing here either."""
         labels = batch["labels"]  # (batch, L)
-        mask = labels != IGNORE  # (batch, L)
-        nats = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                               reduction="none").view_as(labels)  # (batch, L), 0 where ignored
-        correct = (logits.argmax(-1) == labels) & mask  # (batch, L)
-        slices = batch.get("slice")
+        label_bytes, slices = batch.get("label_bytes"), batch.get("slice")
         if slices is None:
             slices = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
         if slices.dim() == 1:  # one slice per example -> per token
             slices = slices[:, None].expand_as(labels)
-        s = slices.reshape(-1).long()  # (batch * L,) slice of each token
+        k = self.loss_positions(batch)
+        if k is None:
+            logits = self(batch["input_ids"], batch.get("seq_idx"))  # (batch, L, V)
+        else:
+            positions = labelled_positions(labels, k, IGNORE)  # (batch, K)
+            logits = self.model(batch["input_ids"], batch.get("seq_idx"), positions=positions)  # (batch, K, V)
+            labels, slices = labels.gather(1, positions), slices.gather(1, positions)  # (batch, K) each
+            if label_bytes is not None:
+                label_bytes = label_bytes.gather(1, positions)  # (batch, K)
+        mask = labels != IGNORE  # (batch, L or K)
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                               reduction="none").view_as(labels)  # (batch, L or K), 0 where ignored
+        correct = (logits.argmax(-1) == labels) & mask  # (batch, L or K)
+        s = slices.reshape(-1).long()  # (batch * (L or K),) slice of each token
         if self._count.device != labels.device:
             self._correct, self._count, self._nats, self._bytes = (
                 t.to(labels.device) for t in (self._correct, self._count, self._nats, self._bytes))
         self._correct.index_add_(0, s, correct.reshape(-1).long())
         self._count.index_add_(0, s, mask.reshape(-1).long())
         self._nats.index_add_(0, s, nats.reshape(-1).double())
-        if "label_bytes" in batch:
-            self._bytes.index_add_(0, s, (batch["label_bytes"] * mask).reshape(-1).long())
+        if label_bytes is not None:
+            self._bytes.index_add_(0, s, (label_bytes * mask).reshape(-1).long())
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)

@@ -315,6 +315,8 @@ def _check_run_options(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}", f"must be a positive integer, got {v!r}")
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
+    if not isinstance(cfg.trainer.get("gather_labels", True), bool):
+        raise ConfigError("trainer.gather_labels", f"must be true or false, got {cfg.trainer.gather_labels!r}")
 
 
 def _build(cfg: DictConfig, world_size: int = 1):
@@ -537,11 +539,13 @@ def train(cfg: DictConfig, previous: dict | None = None, fresh: bool = False) ->
     for extra in (cfg.get("logger") or {}).values():
         if extra is not None:
             loggers.append(build(extra))
-    # trainer.cuda_graph chooses ssdbench's graphed loop (ssdbench/engine.py); it is no
-    # argument of lightning.Trainer
+    # trainer.cuda_graph chooses ssdbench's graphed loop (ssdbench/engine.py) and
+    # trainer.gather_labels the loss's head on labelled positions only (SequenceLM); neither is
+    # an argument of lightning.Trainer
     trainer_node = cfg.trainer.copy()
     with open_dict(trainer_node):
         graph_choice = engine.parse_choice(trainer_node.pop("cuda_graph", "auto"))
+        trainer_node.pop("gather_labels", None)
     if graph_choice is True and not torch.cuda.is_available():
         engine.decide(True, None, cfg)  # the one-line error, before anything is built
     trainer = build(trainer_node, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
@@ -595,7 +599,7 @@ def _fit_and_record(cfg, trainer, world, run_dir, record_cb, resume, previous) -
     datamodule.setup("fit")
     record_cb.startup_mark("model_and_data")
     lit = SequenceLM(model, **OmegaConf.to_container(cfg.optim), total_steps=cfg.trainer.max_steps,
-                     slice_names=datamodule.slice_names)
+                     slice_names=datamodule.slice_names, gather_labels=cfg.trainer.get("gather_labels", True))
     seq_len = getattr(datamodule, "max_seq_len", None)
     record_cb.base = dict(
         schema=rec.SCHEMA_VERSION,

@@ -4,6 +4,11 @@ the on-disk cache in front of the generators, and training data made fresh every
 A split is a list of *segments*: each a block of examples with one sequence length and one
 setting of the task's difficulty knob (e.g. MQAR's number of key-value pairs). Batches never
 mix segments, so no padding is needed, and accuracy is reported per segment ("slice").
+
+Batches also carry ``max_labels``, a Python int: the most labelled positions (labels != -100)
+in any row of the segment (of the batch, for batches made fresh), counted once outside the
+training step. The loss then computes the LM head on that many positions per row instead of
+all of them (ssdbench/lit.py, SequenceLM.loss_positions).
 """
 from __future__ import annotations
 
@@ -16,6 +21,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssdbench.errors import require
+
+IGNORE = -100  # the label of a position that is not scored
+MAX_LABELS = "max_labels"  # the batch entry (ssdbench.lit.MAX_LABELS)
+
+
+def max_labels(labels: torch.Tensor) -> int:
+    """The most labelled positions (labels != IGNORE) in any row of labels (n, T), at least 1
+    (a head over zero positions is no shape to compile for), counted in chunks of rows so the
+    papers' largest sets (10^5 x 4096) need no full-size boolean copy."""
+    out = 1
+    step = rows_per_chunk(labels.shape[-1])
+    for a in range(0, len(labels), step):
+        out = max(out, int((labels[a:a + step] != IGNORE).sum(1).max()))
+    return out
 
 
 @dataclass
@@ -88,11 +107,21 @@ def smallest_k(r: np.ndarray, k: int) -> np.ndarray:
 
 
 class SegmentDataset(Dataset):
-    """The segments of one split back to back; item i -> dict with its slice id."""
+    """The segments of one split back to back; item i -> dict with its slice id.
 
-    def __init__(self, segments: list[Segment]):
+    ``max_labels`` (per segment, the most labels in one of its rows) is counted the first time
+    a batch of the segment is asked for, or given (a copy on the GPU keeps the host's counts)."""
+
+    def __init__(self, segments: list[Segment], max_labels: list[int | None] | None = None):
         self.segments = segments
         self.offsets = np.cumsum([0] + [len(s.inputs) for s in segments])
+        self._max_labels = list(max_labels) if max_labels is not None else [None] * len(segments)
+
+    def max_labels(self, s: int) -> int:
+        """The most labelled positions in any row of segment s (cached)."""
+        if self._max_labels[s] is None:
+            self._max_labels[s] = max_labels(self.segments[s].labels)
+        return self._max_labels[s]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -110,12 +139,15 @@ class SegmentDataset(Dataset):
     def on_device(self, device) -> "SegmentDataset":
         """The same examples held on ``device`` (compact dtype): batches are then gathered
         there, and a training step reads no host memory (the graphed loop, engine.py)."""
-        return SegmentDataset([Segment(s.name, s.inputs.to(device), s.labels.to(device)) for s in self.segments])
+        counts = [self.max_labels(s) for s in range(len(self.segments))]  # on the host: no read-back later
+        return SegmentDataset([Segment(s.name, s.inputs.to(device), s.labels.to(device)) for s in self.segments],
+                              counts)
 
     def __getitems__(self, indices: list[int]) -> dict:
         """A whole batch at once (the DataLoader's batched fetch): one gather per segment
         instead of a Python call per example, cast from the segments' compact dtype to int64.
-        Returns the batch as the default collate would stack the items (see collate_batch)."""
+        Returns the batch as the default collate would stack the items (see collate_batch),
+        plus MAX_LABELS, the bound of its segment(s): the same for every batch of a segment."""
         idx = np.asarray(indices, dtype=np.int64)
         seg = np.searchsorted(self.offsets, idx, side="right") - 1  # (b,) segment of each example
         if (seg == seg[0]).all():  # the batch samplers never mix segments: one gather
@@ -124,9 +156,12 @@ class SegmentDataset(Dataset):
             # index_select, not s.inputs[j]: advanced indexing of an int16 tensor took 7.6 ms for
             # 64 rows of 256 on this project's 2-core CPU, index_select 0.012 ms
             return {"input_ids": s.inputs.index_select(0, j).long(), "labels": s.labels.index_select(0, j).long(),  # (b, T) each
-                    "slice": torch.full((len(idx),), int(seg[0]), dtype=torch.long, device=s.inputs.device)}
+                    "slice": torch.full((len(idx),), int(seg[0]), dtype=torch.long, device=s.inputs.device),
+                    MAX_LABELS: self.max_labels(int(seg[0]))}
         items = [self[int(i)] for i in idx]
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        out[MAX_LABELS] = max(self.max_labels(int(s)) for s in np.unique(seg))
+        return out
 
     @property
     def slice_names(self) -> list[str]:
@@ -198,8 +233,17 @@ class FreshBatchDataset(Dataset):
         """Batch number g: inputs (b, T), labels (b, T), int64."""
         if self._last is None or self._last[0] != g:
             x, y = self.make_batch(g)  # (b, T) each
-            self._last = (g, x.long(), y.long())
+            # counted per batch (on the host, where it is made) and rounded up to a power of
+            # two: a graphed run captures one graph per value (Engine._key), so a task whose
+            # label counts vary from batch to batch gets a few graphs, not one per count
+            k = 1 << (max_labels(y) - 1).bit_length()
+            self._last = (g, x.long(), y.long(), k)
         return self._last[1], self._last[2]
+
+    def max_labels(self, g: int) -> int:
+        """A bound on the labelled positions in any row of batch g (see batch)."""
+        self.batch(g)
+        return self._last[3]
 
     def __getitem__(self, i: int) -> dict:
         x, y = self.batch(i // self.batch_size)  # (b, T) each
@@ -213,9 +257,12 @@ class FreshBatchDataset(Dataset):
         if (g == g[0]).all():  # FreshBatchSampler asks for one batch at a time
             x, y = self.batch(int(g[0]))  # (B, T) each
             r = torch.from_numpy(idx % self.batch_size)  # (b,)
-            return {"input_ids": x[r], "labels": y[r], "slice": torch.zeros(len(idx), dtype=torch.long)}
+            return {"input_ids": x[r], "labels": y[r], "slice": torch.zeros(len(idx), dtype=torch.long),
+                    MAX_LABELS: self.max_labels(int(g[0]))}
         items = [self[int(i)] for i in idx]
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        out[MAX_LABELS] = max(self.max_labels(int(b)) for b in np.unique(g))
+        return out
 
     @property
     def slice_names(self) -> list[str]:

@@ -381,7 +381,8 @@ def test_fresh_batches_are_determined_by_seed_and_batch_number():
         assert x["input_ids"].shape == (8, 32) and x["input_ids"].dtype == x["labels"].dtype == torch.int64
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
         assert not torch.equal(x["input_ids"], z["input_ids"])
-        assert set(x) == {"input_ids", "labels", "slice"} and x["slice"].tolist() == [0] * 8
+        assert set(x) == {"input_ids", "labels", "slice", "max_labels"} and x["slice"].tolist() == [0] * 8
+        assert x["max_labels"] == 1  # induction heads score the last position only
     rows = {tuple(r) for bt in a for r in bt["input_ids"].tolist()}
     assert len(rows) == 40  # every batch new
     second_epoch = list(loader)

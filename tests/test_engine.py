@@ -228,6 +228,7 @@ def test_examples_moved_to_the_device_give_the_same_batches():
     assert dev.nbytes() == host.nbytes() == 2 * 12 * 8 * 2
     for idx in ([0, 3, 4], [9, 5, 11], [6]):
         a, b = host.__getitems__(idx), dev.__getitems__(idx)
+        assert a.pop("max_labels") == b.pop("max_labels")  # counted on the host, kept by the copy
         for k in a:
             assert b[k].device.type == device and b[k].dtype == a[k].dtype == torch.long
             assert torch.equal(a[k], b[k].cpu()), (idx, k)

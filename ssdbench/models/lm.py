@@ -73,6 +73,22 @@ def mixer_prefill(mixer: nn.Module, x: torch.Tensor, state):
     return prefill_by_steps(mixer, x, state)
 
 
+def labelled_positions(labels: torch.Tensor, k: int, ignore_index: int = -100) -> torch.Tensor:
+    """labels (batch, L) -> (batch, k) int64: each row's labelled positions in order, then, to
+    fill k, its first unlabelled ones (whose labels are ``ignore_index``: they count for nothing).
+
+    ``k`` must be at least the most labels of any row (a row with more would lose some); a
+    Python int, so the shapes are static (a CUDA graph of the training step) and nothing is
+    read back from the device (no boolean indexing). A stable sort of the labelled flags.
+
+    >>> labelled_positions(torch.tensor([[-100, 7, -100, 5], [3, -100, -100, -100]]), 2)
+    tensor([[1, 3],
+            [0, 1]])
+    """
+    flags = (labels != ignore_index).to(torch.int8)  # (batch, L) 1 where labelled
+    return torch.argsort(flags, dim=1, descending=True, stable=True)[:, :k]  # (batch, k)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: mixer, then an optional MLP."""
 
@@ -181,9 +197,18 @@ class LanguageModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+                labels: torch.Tensor | None = None, ignore_index: int = -100,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (batch, L) -> logits (batch, L, vocab_size); with labels (batch, L), the
         mean cross-entropy over the tokens whose label is not ``ignore_index`` instead.
+
+        ``positions`` (batch, K) int64: the head only at these positions of each row (logits
+        (batch, K, vocab_size); labels, when given, are then those of the same positions,
+        (batch, K)). The synthetic tasks label a few positions of each row (MQAR at T=256: 8 to
+        64 of 256), and the head over every position was most of their step at vocabulary 8192
+        (a (batch * L, V_pad) logits buffer, two matmuls over it in the backward); the rows the
+        loss ignores contribute nothing, so leaving them out changes neither the loss nor a
+        gradient (``labelled_positions`` picks them; SequenceLM._loss).
 
         The loss is part of the forward (in ``_head``) so that torch.compile of the model also compiles it:
         the cut to vocab_size, the fp32 upcast, log-softmax and the gather then fuse into
@@ -195,7 +220,7 @@ class LanguageModel(nn.Module):
         hidden, residual = self.embed(input_ids, seq_idx), None  # (batch, L, d_model)
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, seq_idx=seq_idx)
-        return self._head(hidden, residual, labels, ignore_index)
+        return self._head(hidden, residual, labels, ignore_index, positions)
 
     def embed(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (batch, L) -> the first block's input (batch, L, d_model): the token
@@ -209,7 +234,7 @@ class LanguageModel(nn.Module):
         return self.embedding(input_ids)
 
     def _head(self, hidden: torch.Tensor, residual: torch.Tensor | None, labels: torch.Tensor | None,
-              ignore_index: int) -> torch.Tensor:
+              ignore_index: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm, tied head and the loss. A method of its own for torch.compile: the
         project's kernels break the graph inside the layer loop, and Dynamo then runs the loop's
         frame (forward) eagerly and compiles only the frames it calls, the blocks and this one
@@ -219,18 +244,22 @@ class LanguageModel(nn.Module):
         (in the autocast dtype when autocast is on): its forward kernel computes the loss and
         the logits' gradient in one read of the logits, and the backward is two matmuls. It
         traces into the compiled graph without a break. On the CPU (and for float64 weights)
-        the PyTorch form below."""
-        x = self.norm_f(hidden if residual is None else residual + hidden)  # (batch, L, d_model)
+        the PyTorch form below. With ``positions`` (batch, K), norm, head and loss see only
+        those positions (a gather; its backward scatters the gradient back, zeros elsewhere)."""
+        x = hidden if residual is None else residual + hidden  # (batch, L, d_model)
+        if positions is not None:
+            x = torch.take_along_dim(x, positions[..., None], dim=1)  # (batch, K, d_model)
+        x = self.norm_f(x)  # (batch, L or K, d_model)
         if labels is not None and ce_kernels.model_head_applies(x):
             weight = self.embedding.weight  # (padded_vocab, d_model)
             if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
                 x = x.to(torch.get_autocast_dtype(x.device.type))  # what autocast would give F.linear
             return ce_kernels.linear_cross_entropy(x.flatten(0, 1), weight.to(x.dtype), labels.flatten(),
                                                    self.vocab_size, ignore_index)
-        logits = F.linear(x, self.embedding.weight)[..., : self.vocab_size]  # tied head: (batch, L, V)
+        logits = F.linear(x, self.embedding.weight)[..., : self.vocab_size]  # tied head: (batch, L or K, V)
         if labels is None:
             return logits
-        logits = logits.flatten(0, 1)  # (batch * L, V); fp32 at least for the log-softmax
+        logits = logits.flatten(0, 1)  # (batch * (L or K), V); fp32 at least for the log-softmax
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.flatten(),
                                ignore_index=ignore_index)
 
