@@ -177,6 +177,34 @@ def test_graphs_with_a_curriculum_of_several_shapes(tmp_path):
 
 
 @gpu_only
+def test_graphs_with_and_without_the_label_gather_train_alike(tmp_path):
+    """The head on the labelled rows only (trainer.gather_labels) changes neither the loss nor
+    a gradient (tests/test_label_gather.py, float64 on a CPU); on the GPU, graphed under bf16
+    autocast, the two curves agree to rounding, and the gathered run really replays graphs
+    (argsort and the gather capture)."""
+    args = ["run", *GPU_RUN, "task.seq_len=64", "task.train_segments=[{kv_fraction:0.125,num_examples:6400}]",
+            "task.test_segments=[{kv_fraction:0.125,num_examples:256}]", "trainer.max_steps=200",
+            "trainer.cuda_graph=true"]
+    records, curves = [], []
+    for on in (False, True):
+        root = tmp_path / f"gather_{on}"
+        p = run([*args, f"trainer.gather_labels={str(on).lower()}", f"results_dir={root}"], tmp_path, _env(),
+                timeout=600)
+        run_dir = only_run_dir(root)
+        records.append(json.loads((run_dir / "record.json").read_text()))
+        assert records[-1]["cuda_graph"]["mode"] == "graphs" and records[-1]["cuda_graph"]["fallback"] is None, \
+            (records[-1]["cuda_graph"], p.stderr)
+        curves.append(curve(run_dir))
+    a, b = curves
+    assert list(a["step"]) == list(b["step"])
+    rel = (a["train/loss"] - b["train/loss"]).abs() / a["train/loss"].abs()
+    print("relative loss differences, gather off vs on:", rel.round(4).tolist())
+    assert rel.max() < 0.03, rel.tolist()
+    off, on = (r["metrics"]["val/loss"] for r in records)
+    assert abs(off - on) <= 0.03 * abs(off), (off, on)
+
+
+@gpu_only
 def test_graphed_run_resumes_from_its_checkpoint(tmp_path):
     common = [*GPU_RUN, "task.seq_len=64", "task.train_segments=[{kv_fraction:0.125,num_examples:6400}]",
               "task.test_segments=[{kv_fraction:0.125,num_examples:256}]", "trainer.max_steps=3000",
