@@ -23,12 +23,9 @@ import torch.nn.functional as F
 from ssdbench import tokenizer as _tokenizer  # noqa: F401 - registers ${ssdbench.tokenizer_vocab:...} for configs
 from ssdbench.errors import ConfigError, DivergedError
 from ssdbench.models.lm import LanguageModel, labelled_positions
-
-IGNORE = -100
-# A batch entry of the synthetic tasks (tasks/base.py): a Python int, the most labelled
-# positions in any row of the data the batch comes from (its segment), so that the loss can
-# compute the head on that many positions per row instead of all of them (loss_positions).
-MAX_LABELS = "max_labels"
+# the data's protocol, defined with it: IGNORE, the label of an unscored position; MAX_LABELS, the
+# synthetic tasks' batch entry bounding the labelled positions of any row (loss_positions)
+from ssdbench.tasks.base import IGNORE, MAX_LABELS
 
 
 def gather_pays(max_labels: int | None, seq_len: int) -> bool:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ssdbench.errors import require
 
 IGNORE = -100  # the label of a position that is not scored
-MAX_LABELS = "max_labels"  # the batch entry (ssdbench.lit.MAX_LABELS)
+MAX_LABELS = "max_labels"  # the batch entry with the bound above (see max_labels; read by ssdbench.lit)
 
 
 def max_labels(labels: torch.Tensor) -> int:

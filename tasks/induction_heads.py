@@ -41,10 +41,9 @@ import numpy as np
 import torch
 
 from ssdbench.errors import ConfigError, require, require_positive_int
-from ssdbench.tasks.base import (FreshBatchDataset, Segment, SyntheticDataModule, numpy_int_dtype,
+from ssdbench.tasks.base import (IGNORE, FreshBatchDataset, Segment, SyntheticDataModule, numpy_int_dtype,
                                   rows_per_chunk, token_dtype)
 
-IGNORE = -100
 # Part of the cache key: bump it whenever induction_heads_examples' output changes for the
 # same arguments, so that cached files of the old output are not read.
 GENERATOR_VERSION = 1

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 from ssdbench.errors import ConfigError, require, require_positive_int
-from ssdbench.tasks.base import (Segment, SyntheticDataModule, numpy_int_dtype, rows_per_chunk, smallest_k,
+from ssdbench.tasks.base import (IGNORE, Segment, SyntheticDataModule, numpy_int_dtype, rows_per_chunk, smallest_k,
                                   token_dtype)
 
-IGNORE = -100
 # The generator's version, part of the cache key: bump it whenever mqar_examples' output
 # changes for the same arguments, so that cached files of the old output are not read.
 GENERATOR_VERSION = 1

@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 from ssdbench.errors import require, require_positive_int
-from ssdbench.tasks.base import (Segment, SyntheticDataModule, numpy_int_dtype, rows_per_chunk, smallest_k,
+from ssdbench.tasks.base import (IGNORE, Segment, SyntheticDataModule, numpy_int_dtype, rows_per_chunk, smallest_k,
                                   token_dtype)
 
-IGNORE = -100
 # Part of the cache key: bump it whenever selective_copying_examples' output changes for the
 # same arguments, so that cached files of the old output are not read.
 GENERATOR_VERSION = 1
