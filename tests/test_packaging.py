@@ -23,6 +23,17 @@ def _site_dirs() -> list[str]:
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _env_without_repo() -> dict[str, str]:
+    """This process's environment with the repo dropped from PYTHONPATH: the GPU machine runs
+    the suite from a checkout with PYTHONPATH=<wheels>:<repo> (scripts/device.sh), and the repo
+    entry would shadow the installed wheel. Other entries (the carried wheels) stay."""
+    env = dict(os.environ)
+    keep = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            if p and Path(p).resolve() != REPO]
+    env["PYTHONPATH"] = os.pathsep.join(keep)
+    return env
+
+
 def test_wheel_installs_and_runs_outside_repo(tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -40,7 +51,9 @@ def test_wheel_installs_and_runs_outside_repo(tmp_path):
                              capture_output=True, text=True, check=True).stdout.strip()
     (Path(purelib) / "_ssdbench_test_outer_site.pth").write_text(
         "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in _site_dirs()) + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300)
+    env = _env_without_repo()
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300,
+                   env=env)
 
     # The torch it imports is the one these tests run with (in a venv with system_site_packages,
     # the base interpreter's torch, or none).
@@ -55,14 +68,14 @@ def test_wheel_installs_and_runs_outside_repo(tmp_path):
     work.mkdir()
     where = subprocess.run([str(py), "-c", "import ssdbench.conf, ssdbench.kernels, ssdbench.tasks.mqar;"
                             "print(ssdbench.conf.__file__)"], cwd=work, capture_output=True, text=True,
-                           check=True).stdout
+                           check=True, env=env).stdout
     assert str(env_dir) in where, f"imported {where} instead of the wheel"
     out = subprocess.run([str(env_dir / "bin" / "ssdbench"), "run", "--help"], cwd=work,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "model: based, mamba1, mamba2, transformerpp" in out.stdout and "task: induction_heads, mqar, pile, selective_copying" in out.stdout
     cfg = subprocess.run([str(env_dir / "bin" / "ssdbench"), "run", "--cfg", "job", "model.d_model=48"],
-                         cwd=work, capture_output=True, text=True, timeout=120)
+                         cwd=work, capture_output=True, text=True, timeout=120, env=env)
     assert cfg.returncode == 0 and "d_model: 48" in cfg.stdout, cfg.stderr
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICE, TRITON_LAUNCHES
 from ssdbench.models.based import Based
 from ssdbench.models.mamba1 import Mamba1
 from ssdbench.models.mamba2 import Mamba2
@@ -80,8 +81,8 @@ def test_without_seq_idx_documents_see_each_other(name, window):
 
 
 # The same architectures on the Triton kernels (selective scan, SSD, causal conv, Taylor
-# attention): on a machine without a GPU they run under the interpreter (conftest sets
-# TRITON_INTERPRET=1), on CPU tensors.
+# attention), on conftest's DEVICE: compiled on the GPU where there is one (the kernels refuse
+# CPU tensors there), else under the interpreter (conftest sets TRITON_INTERPRET=1) on the CPU.
 TRITON_MODELS = {
     "mamba2": lambda: Mamba2(V, d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=8, impl="triton"),
     "based": lambda: Based(V, d_model=32, n_layers=3, n_heads=4, feature_dim=8, window=4, impl="triton",
@@ -90,20 +91,19 @@ TRITON_MODELS = {
 
 
 def _launches() -> int:
-    from conftest import TRITON_LAUNCHES
     return TRITON_LAUNCHES[0]
 
 
 @pytest.mark.parametrize("name", sorted(TRITON_MODELS))
 def test_packed_documents_score_as_if_alone_on_triton_kernels(name, window):
     torch.manual_seed(0)
-    model = TRITON_MODELS[name]().float().eval()
-    toks, seq_idx = window
+    model = TRITON_MODELS[name]().float().eval().to(DEVICE)
+    toks, seq_idx = (t.to(DEVICE) for t in window)  # (L + 1,), (L,)
     before = _launches()
     with torch.no_grad():
         packed = F.cross_entropy(model(toks[None, :-1], seq_idx=seq_idx[None])[0], toks[1:], reduction="none")
         for k, doc in enumerate(DOCS[1:]):
-            alone_toks = torch.tensor([256] + list(doc.encode()) + [256])
+            alone_toks = torch.tensor([256] + list(doc.encode()) + [256], device=DEVICE)
             alone = F.cross_entropy(model(alone_toks[None, :-1])[0], alone_toks[1:], reduction="none")
             torch.testing.assert_close(packed[seq_idx == k], alone, rtol=1e-5, atol=1e-5)
     assert _launches() > before, "the Triton path did not run"
@@ -135,8 +135,9 @@ def test_document_gradient_does_not_reach_other_documents(name, triton, window):
 
 def _check_gradient_isolation(name, triton, window, exact):
     torch.manual_seed(0)
-    model = (TRITON_MODELS if triton else MODELS)[name]().float()
-    toks, seq_idx = window
+    device = DEVICE if triton else "cpu"
+    model = (TRITON_MODELS if triton else MODELS)[name]().float().to(device)
+    toks, seq_idx = (t.to(device) for t in window)  # (L + 1,), (L,)
     before = _launches()
     for k in ((2,) if triton else (1, 2)):  # the interpreter is slow: the last document only
         model.zero_grad()
