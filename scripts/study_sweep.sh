@@ -10,7 +10,10 @@
 # files); if .studies/NAME.tgz is in the tree (carry: [".studies", ".whl"]) it is unpacked first,
 # so a rerun skips the finished runs and resumes the interrupted ones.
 # The device returns files of at most 16 MiB: past that the checkpoints stay behind (an
-# interrupted run then starts afresh when rerun).
+# interrupted run then starts afresh when rerun; on a machine still warm from the last call,
+# /tmp/studies keeps them, so call again at once).
+# PARALLEL=1 starts every line at once, each with JOBS jobs sharing the GPU (for sweeps of few
+# long runs, e.g. one line per architecture group); the deadline applies to all of them.
 #   DEADLINE=540 START_BY=400 JOBS=4 bash scripts/study_sweep.sh scripts/sweeps_fig8_t256_b8_d64.txt
 set -uo pipefail
 sweeps=$1
@@ -33,6 +36,13 @@ export PYTHONUNBUFFERED=1
 [ -f ".studies/$name.tgz" ] && tar xzf ".studies/$name.tgz" -C "$RESULTS" && echo "resumed from .studies/$name.tgz"
 start=$SECONDS
 n=0
+pids=()
+finish() {  # wait for sweep $1 (process $2, deadline timer $3) and summarise it
+  wait "$2"
+  echo "sweep $1 exit $?"
+  kill "$3" 2> /dev/null
+  tail -n 30 "$OUT/${name}_sweep$1.log" | grep -E "job|ok|interrupted|failed|diverged" | tail -n 25
+}
 while read -r line; do
   case "$line" in ''|'#'*) continue ;; esac
   n=$((n + 1))
@@ -46,11 +56,12 @@ while read -r line; do
   pid=$!
   ( sleep "$left"; kill -TERM -- "-$pid" 2> /dev/null ) &
   timer=$!
-  wait "$pid"
-  echo "sweep $n exit $?"
-  kill "$timer" 2> /dev/null
-  tail -n 30 "$OUT/${name}_sweep$n.log" | grep -E "job|ok|interrupted|failed|diverged" | tail -n 25
+  if [ "${PARALLEL:-0}" = 1 ]; then pids+=("$n $pid $timer"); else finish "$n" "$pid" "$timer"; fi
 done < "$sweeps"
+for p in "${pids[@]}"; do
+  # shellcheck disable=SC2086
+  finish $p
+done
 # the checkpoints of finished runs are not needed (a rerun skips them by their record); those
 # of interrupted runs are what a rerun resumes from
 python3 - "$RESULTS" <<'PY'
