@@ -4,12 +4,13 @@ The figure set follows what the records hold:
 
 * ``acc_vs_d_model``: accuracy against ``config.model.d_model``, one panel per sequence length
   when the per-slice metrics carry ``T=<len>`` (the layout of Mamba-2's Figure 8), one line per
-  model;
-* ``acc_vs_state_size``: accuracy against the recurrent state size (log x), one line per model;
+  model (left out when every model has one width: dots, not lines);
+* ``acc_vs_state_size``: accuracy against the recurrent state size (log x), one line per model
+  (left out likewise);
 * ``acc_vs_length``: induction-heads accuracy against test length (``extrapolation/acc/T=<len>``,
   log2 x), one line per model, the training length marked;
 * ``training_curves``: ``train/loss`` and ``val/acc`` against step, read from each run's
-  ``logs/version_*/metrics.csv``;
+  ``logs/version_*/metrics.csv``, one colour per model, N, width and (where it varies) rate;
 * ``loss_vs_flops``: language-model loss against training FLOPs (log-log), one colour per
   model, with the lower envelope of the runs (Chinchilla approach 1) dashed and the
   compute-optimal frontier of the parametric fit ``L(N, D) = E + A/N^alpha + B/D^beta``
@@ -97,8 +98,9 @@ def best_over(df: pd.DataFrame, field: str = "config.optim.lr", metric: str = "v
     col = f"metrics.{metric}"
     if field not in df.columns or col not in df.columns or df[field].nunique() < 2:
         return df
-    keys = [c for c in df.columns if c.startswith("config.") and c != field
-            and not c.startswith(("config.hydra", "config.results_dir", "config.progress_bar"))]
+    # how a run was carried out (jobs_per_gpu, resume, ...) does not make it another point
+    how = rec.OPERATIONAL_KEYS | {"hydra"}
+    keys = [c for c in df.columns if c.startswith("config.") and c != field and c.split(".")[1] not in how]
     # map(str): a missing value becomes "nan" (pandas 3 keeps NaN under astype(str))
     keyed = df[keys].map(str).agg("|".join, axis=1)
     best = pd.to_numeric(df[col], errors="coerce").groupby(keyed).idxmax().dropna().astype(int)
@@ -123,8 +125,12 @@ def _slices(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def _nice_log_axis(ax, values, base=2) -> None:
-    """Log x with a tick at every value present, labelled plainly."""
-    vals = sorted({float(v) for v in values if np.isfinite(v) and v > 0})
+    """Log x with a tick at the values present, labelled plainly; a value within a factor 1.25
+    of the last ticked one gets none (close state sizes, e.g. 2,432 and 2,624, overprint)."""
+    vals = []
+    for v in sorted({float(v) for v in values if np.isfinite(v) and v > 0}):
+        if not vals or v / vals[-1] >= 1.25:
+            vals.append(v)
     ax.set_xscale("log", base=base)
     if 0 < len(vals) <= 10:
         ax.set_xticks(vals)
@@ -184,10 +190,19 @@ def describe(fig) -> dict[str, dict[str, int]]:
 
 # ----------------------------------------------------------------------------- figures
 
+def _one_point_per_line(df: pd.DataFrame, x: str) -> bool:
+    """True when no model (line of ``_hue_key``) has two values of ``x``: a figure of ``x``
+    would be dots, not lines, e.g. a width figure for induction-heads runs of one width each."""
+    xs = pd.to_numeric(df[x], errors="coerce")
+    return bool((xs.groupby(_hue_key(df).values).nunique() < 2).all())
+
+
 def fig_acc_vs_dim(df: pd.DataFrame, metric: str = "val/acc"):
     """Accuracy against d_model; one panel per sequence length if slices carry T."""
     if D_MODEL not in df.columns:
         return None, f"no {D_MODEL} in the records"
+    if _one_point_per_line(df, D_MODEL):
+        return None, f"each model has runs at one {D_MODEL} only (the table shows them)"
     long = _slices(df, metric)
     if not long.empty and "T" in long.columns:
         facets = sorted(long["T"].dropna().unique())
@@ -220,6 +235,8 @@ def fig_acc_vs_state(df: pd.DataFrame, metric: str = "val/acc"):
         return None, f"no {STATE} in the records"
     if col not in df.columns:
         return None, f"no metric {metric} in the records"
+    if _one_point_per_line(df[df[STATE].notna()], STATE):
+        return None, f"each model has runs at one {STATE} only (the table shows them)"
     fig, axes = _panels(1, width=5.0)
     _lines(axes[0], df, STATE, col, _hue_key(df))
     _nice_log_axis(axes[0], pd.to_numeric(df[STATE], errors="coerce"), base=10)
@@ -271,15 +288,27 @@ def read_curves(run_dir: Path) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+def _curve_labels(df: pd.DataFrame) -> pd.Series:
+    """One label per run: the model (with N where it varies, as ``_hue_key``), its width, and
+    the learning rate where runs that share the rest differ in it. Runs left with one label
+    (seeds) share a colour."""
+    label = _hue_key(df)
+    if D_MODEL in df.columns:
+        d = pd.to_numeric(df[D_MODEL], errors="coerce")
+        label = label.where(d.isna(), label + " d=" + d.astype("Int64").astype(str))
+    lr = "config.optim.lr"
+    if lr in df.columns:
+        varies = df.groupby(label.values)[lr].transform("nunique") > 1
+        label = label.where(~varies | df[lr].isna(), label + " lr=" + df[lr].map("{:.3g}".format))
+    return label
+
+
 def fig_training_curves(df: pd.DataFrame, root: Path, keys=("train/loss", "val/acc")):
     curves = []
-    for _, row in df.iterrows():
+    for (_, row), name in zip(df.iterrows(), _curve_labels(df)):
         c = read_curves(Path(root) / row["run"])
         if c is None or "step" not in c.columns:
             continue
-        name = str(row.get(MODEL, row.get("arch", row["run"])))
-        if D_MODEL in row and pd.notna(row[D_MODEL]):
-            name += f" d={int(row[D_MODEL])}"
         curves.append((name, row["run"], c))
     if not curves:
         return None, "no logs/version_*/metrics.csv under the runs"

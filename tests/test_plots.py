@@ -123,12 +123,37 @@ def test_custom_figure_and_status_all(results, capsys):
 
 def test_missing_fields_are_skipped(tmp_path, capsys):
     _write(tmp_path, "a", "m", 16, {64: 0.5}, curves=False)
+    _write(tmp_path, "b", "m", 32, {64: 0.6}, curves=False)
     assert plots.main(_args(tmp_path, "--x", "nope", "--y", "val/acc")) == 0
     text = capsys.readouterr().out
     assert "skipped acc_vs_state_size: no state_size" in text
     assert "skipped training_curves" in text
     assert "skipped custom_val_acc_vs_nope: no field 'nope'" in text
     assert (tmp_path / "figures" / "acc_vs_d_model.png").exists()
+
+
+def test_figures_of_one_point_per_model_are_left_out(tmp_path, capsys):
+    """Induction-heads-like runs, one width and state per model: no width or state figure,
+    but the other figures are still made."""
+    _write(tmp_path, "m2", "mamba2", 64, {256: 1.0}, state=64 * 64)
+    _write(tmp_path, "tpp", "transformerpp", 128, {256: 0.1})
+    assert plots.main(_args(tmp_path)) == 0
+    text = capsys.readouterr().out
+    assert "skipped acc_vs_d_model: each model has runs at one" in text
+    assert "skipped acc_vs_state_size: each model has runs at one" in text
+    assert (tmp_path / "figures" / "training_curves.png").exists()
+
+
+def test_curve_labels_name_state_width_and_rate_where_they_vary(tmp_path):
+    for name, N, lr in (("a", 16, 1e-2), ("b", 64, 1e-2), ("c", 64, 1e-3), ("d", 64, 1e-3)):
+        run = _write(tmp_path, name, "mamba2", 64, {256: 0.5}, state=N * 64, seed=name == "d")
+        r = rec.read_record(run / rec.RECORD_NAME)
+        r["config"]["model"]["d_state"] = N
+        r["config"]["optim"] = {"lr": lr}
+        rec.write_record(run, r)
+    df = _ok_records(tmp_path).sort_values("run").reset_index(drop=True)
+    assert list(plots._curve_labels(df)) == ["mamba2 N=16 d=64", "mamba2 N=64 d=64 lr=0.01",
+                                             "mamba2 N=64 d=64 lr=0.001", "mamba2 N=64 d=64 lr=0.001"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_ok"])
@@ -155,6 +180,9 @@ def test_best_learning_rate_per_point_and_state_size_lines(tmp_path):
                 r = rec.read_record(run / rec.RECORD_NAME)
                 r["config"]["optim"] = {"lr": lr}
                 r["config"]["model"]["d_state"] = N
+                # how a run was launched is not what it trains: a rerun at another
+                # jobs_per_gpu, or a resumed run, is still the same point
+                r["config"].update(jobs_per_gpu=4 if lr == 1e-3 else 5, resume=None if N == 16 else "x.ckpt")
                 rec.write_record(run, r)
     df = _ok_records(root)
     best = plots.best_over(df, "config.optim.lr")
@@ -250,3 +278,10 @@ def test_best_over_unknown_field_is_one_line_exit_2(results, capsys):
     assert plots.main(_args(results, "--best-over", "optim.lrr")) == 2
     assert "--best-over: no field 'optim.lrr'" in capsys.readouterr().err
     assert not (results / "figures").exists()  # nothing half-written
+
+
+def test_log_axis_ticks_skip_values_too_close_to_read():
+    fig, ax = plt.subplots()
+    plots._nice_log_axis(ax, [2432, 2624, 4864, 5056, 9344, 17920, 18000], base=10)
+    assert list(ax.get_xticks()) == [2432, 4864, 9344, 17920]
+    plt.close(fig)
