@@ -1,4 +1,6 @@
-"""Errors the CLI turns into one clear line and exit code 2 instead of a traceback."""
+"""Errors the CLI turns into one clear line and exit code 2 instead of a traceback, and the
+one-line warning for what is allowed but probably not meant."""
+import sys
 
 
 class ConfigError(ValueError):
@@ -21,6 +23,11 @@ def require(condition: bool, field: str, message: str) -> None:
 def require_positive_int(value, field: str) -> None:
     require(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
             f"must be a positive integer, got {value!r}")
+
+
+def warn(message: str) -> None:
+    """One line on stderr, prefixed ``ssdbench:``; the run goes on."""
+    print(f"ssdbench: {message}", file=sys.stderr, flush=True)
 
 
 class DivergedError(RuntimeError):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ssdbench.errors import warn
 from ssdbench.tasks.base import Segment
 from ssdbench.tasks.pile import default_cache_dir
 
@@ -98,19 +98,15 @@ def cached_segments(name: str, params: dict, seed: int, version: int,
         try:
             return read_segments(path, key)
         except (CacheFileError, OSError, ValueError) as e:
-            _warn(f"synthetic data cache {path} is unusable ({e}); regenerating it")
+            warn(f"synthetic data cache {path} is unusable ({e}); regenerating it")
     t0 = time.perf_counter()
     segments = build()
     if time.perf_counter() - t0 >= MIN_GENERATION_S:
         try:
             write_segments(path, key, segments)
         except OSError as e:
-            _warn(f"could not write the synthetic data cache {path} ({e}); continuing without it")
+            warn(f"could not write the synthetic data cache {path} ({e}); continuing without it")
     return segments
-
-
-def _warn(message: str) -> None:
-    print(f"ssdbench: {message}", file=sys.stderr, flush=True)
 
 
 def _arrays(segments: list[Segment]) -> list[np.ndarray]:

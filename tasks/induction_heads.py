@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ssdbench.errors import ConfigError, require, require_positive_int
+from ssdbench.errors import ConfigError, require, require_positive_int, warn
 from ssdbench.tasks.base import (IGNORE, FreshBatchDataset, Segment, SyntheticDataModule, numpy_int_dtype,
                                   rows_per_chunk, token_dtype)
 
@@ -153,6 +153,9 @@ class InductionHeadsDataModule(SyntheticDataModule):
         require_positive_int(num_train_examples, "task.num_train_examples")
         require_positive_int(num_test_examples, "task.num_test_examples")
         require_positive_int(batch_size, "task.batch_size")
+        if train_seq_len not in lengths:  # e.g. a run at T=64 with the preset's [256, 1024]
+            warn(f"task.test_lengths {lengths} leave out task.train_seq_len {train_seq_len}: val/acc "
+                 "measures extrapolation only, not how well the task was learned")
         self.vocab_size, self.train_seq_len, self.test_lengths = vocab_size, train_seq_len, lengths
         self.num_train_examples, self.num_test_examples = num_train_examples, num_test_examples
 

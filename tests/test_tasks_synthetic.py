@@ -140,6 +140,14 @@ def test_induction_heads_datamodule_slices():
     assert not train_rows & {tuple(r) for r in dm.test_set.segments[1].inputs.tolist()}
 
 
+def test_induction_heads_warns_when_the_training_length_is_not_tested(capsys):
+    InductionHeadsDataModule(vocab_size=16, train_seq_len=32, test_lengths=[16, 32])
+    assert capsys.readouterr().err == ""
+    InductionHeadsDataModule(vocab_size=16, train_seq_len=64, test_lengths=[256, 1024])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "task.test_lengths [256, 1024] leave out task.train_seq_len 64" in err
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(train_seq_len=2), "train_seq_len"),          # no room for special, target, special
     (dict(vocab_size=2), "vocab_size"),                # one ordinary token: nothing to recall
