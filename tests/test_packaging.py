@@ -30,7 +30,9 @@ def _env_without_repo() -> dict[str, str]:
     env = dict(os.environ)
     keep = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
             if p and Path(p).resolve() != REPO]
-    env["PYTHONPATH"] = os.pathsep.join(keep)
+    env.pop("PYTHONPATH", None)
+    if keep:
+        env["PYTHONPATH"] = os.pathsep.join(keep)
     return env
 
 
