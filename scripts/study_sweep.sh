@@ -58,7 +58,7 @@ while read -r line; do
   timer=$!
   if [ "${PARALLEL:-0}" = 1 ]; then pids+=("$n $pid $timer"); else finish "$n" "$pid" "$timer"; fi
 done < "$sweeps"
-for p in "${pids[@]}"; do
+for p in ${pids[@]+"${pids[@]}"}; do  # (an empty array is "unbound" under set -u before bash 4.4)
   # shellcheck disable=SC2086
   finish $p
 done
