@@ -69,9 +69,10 @@ def _value(v) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
-def _hue_key(df: pd.DataFrame) -> pd.Series:
+def _hue_key(df: pd.DataFrame, split_state: bool = True) -> pd.Series:
     """The model name of each row (falling back to arch, then run), with the state size N
-    appended for models whose runs differ in it (Figure 8's Mamba-2 N=16/64/256 lines)."""
+    appended for models whose runs differ in it (Figure 8's Mamba-2 N=16/64/256 lines), unless
+    ``split_state`` is false: in a figure against the state size, N is the x axis."""
     for c in (MODEL, "arch", "run"):
         if c in df.columns:
             key = df[c].astype(str)
@@ -79,7 +80,7 @@ def _hue_key(df: pd.DataFrame) -> pd.Series:
     else:
         return pd.Series(["all"] * len(df), index=df.index)
     n_col = "config.model.d_state"
-    if n_col in df.columns:
+    if split_state and n_col in df.columns:
         varies = df.groupby(key.values)[n_col].transform("nunique") > 1
         n = pd.to_numeric(df[n_col], errors="coerce")
         key = key.where(~varies | n.isna(), key + " N=" + n.astype("Int64").astype(str))
@@ -190,11 +191,11 @@ def describe(fig) -> dict[str, dict[str, int]]:
 
 # ----------------------------------------------------------------------------- figures
 
-def _one_point_per_line(df: pd.DataFrame, x: str) -> bool:
+def _one_point_per_line(df: pd.DataFrame, x: str, split_state: bool = True) -> bool:
     """True when no model (line of ``_hue_key``) has two values of ``x``: a figure of ``x``
     would be dots, not lines, e.g. a width figure for induction-heads runs of one width each."""
     xs = pd.to_numeric(df[x], errors="coerce")
-    return bool((xs.groupby(_hue_key(df).values).nunique() < 2).all())
+    return bool((xs.groupby(_hue_key(df, split_state).values).nunique() < 2).all())
 
 
 def fig_acc_vs_dim(df: pd.DataFrame, metric: str = "val/acc"):
@@ -235,17 +236,18 @@ def fig_acc_vs_state(df: pd.DataFrame, metric: str = "val/acc"):
         return None, f"no {STATE} in the records"
     if col not in df.columns:
         return None, f"no metric {metric} in the records"
-    if _one_point_per_line(df[df[STATE].notna()], STATE):
+    if _one_point_per_line(df[df[STATE].notna()], STATE, split_state=False):
         return None, f"each model has runs at one {STATE} only (the table shows them)"
     fig, axes = _panels(1, width=5.0)
-    _lines(axes[0], df, STATE, col, _hue_key(df))
+    _lines(axes[0], df, STATE, col, _hue_key(df, split_state=False))
     _nice_log_axis(axes[0], pd.to_numeric(df[STATE], errors="coerce"), base=10)
     axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     axes[0].set_title("all runs")
     axes[0].set_xlabel(_label(STATE))
     axes[0].set_ylabel(metric)
     _finish(fig, axes, f"{metric} vs recurrent state size")
-    no_state = sorted(set(_hue_key(df)[df[STATE].isna()]) - set(_hue_key(df)[df[STATE].notna()]))
+    hue = _hue_key(df, split_state=False)
+    no_state = sorted(set(hue[df[STATE].isna()]) - set(hue[df[STATE].notna()]))
     return fig, (f"no {STATE} for {', '.join(no_state)} (left out)" if no_state else None)
 
 

@@ -156,6 +156,21 @@ def test_curve_labels_name_state_width_and_rate_where_they_vary(tmp_path):
                                              "mamba2 N=64 d=64 lr=0.001", "mamba2 N=64 d=64 lr=0.001"]
 
 
+def test_state_sweep_at_one_width_is_one_line_per_model(tmp_path):
+    """Figure 8 at one width: Mamba-2 at N=16/64/256 is one model whose line runs over the
+    state size (N is the x axis there, not a separate line), so the state figure is drawn."""
+    for N in (16, 64, 256):
+        run = _write(tmp_path, f"m2-{N}", "mamba2", 64, {256: N / 300}, state=2 * 64 * N, curves=False)
+        r = rec.read_record(run / rec.RECORD_NAME)
+        r["config"]["model"]["d_state"] = N
+        rec.write_record(run, r)
+    _write(tmp_path, "m1", "mamba1", 64, {256: 0.2}, state=2 * 64 * 16, curves=False)
+    fig, note = plots.fig_acc_vs_state(_ok_records(tmp_path))
+    assert fig is not None and note is None
+    assert plots.describe(fig)["all runs"] == {"mamba2": 3, "mamba1": 1}
+    plt.close("all")
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "no_ok"])
 def test_errors_exit_2_with_one_line(tmp_path, capsys, case):
     root = tmp_path / "r"
