@@ -213,10 +213,20 @@ def figure_note(df) -> str | None:
     fracs = sorted({Fraction(f).limit_denominator(100000) for f in frac.dropna()})
     if not fracs:
         return None
-    if fracs == [1]:
+    # tokens over the paper's: differs from the steps' fraction when the batch was changed
+    # (Figure 8 with all 8,192 steps at batch 128 is 1/8 of the paper's tokens)
+    tfracs = []
+    if "tokens_seen" in df.columns and "budget.paper.tokens" in df.columns:
+        tok = pd.to_numeric(df["tokens_seen"], errors="coerce") / \
+            pd.to_numeric(df["budget.paper.tokens"], errors="coerce")
+        tfracs = sorted({Fraction(t).limit_denominator(1000) for t in tok.dropna() if t > 0})
+    if fracs == [1] and tfracs in ([], [1]):
         note = "the paper's full training budget"
     else:
-        note = f"{', '.join(label(f) for f in fracs)} of the paper's training steps"
+        steps = "all" if fracs == [1] else ", ".join(label(f) for f in fracs)
+        note = f"{steps} of the paper's training steps"
+        if tfracs and tfracs != fracs:
+            note += f", {', '.join(label(t) for t in tfracs)} of its tokens"
     sources = sorted({str(s) for s in df["budget.paper.source"].dropna()}) \
         if "budget.paper.source" in df.columns else []
     if sources:

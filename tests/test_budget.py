@@ -221,6 +221,17 @@ def test_table_and_figures_show_the_budget(tmp_path, capsys):
     plt.close("all")
 
 
+def test_figure_note_names_the_token_fraction_when_the_batch_was_cut(tmp_path):
+    """All of Figure 8's steps at 1/8 of its batch: the title must not read "the paper's full
+    training budget"; it says the steps and the tokens."""
+    full = ["experiment=mqar_fig8", "trainer.max_steps=8192"]
+    _write_record(tmp_path, "small-batch", full, 2**28, 0.9)
+    note = budget.figure_note(load_records(tmp_path))
+    assert note.startswith("all of the paper's training steps, 1/8 of its tokens (Mamba-2")
+    _write_record(tmp_path / "b", "paper-batch", full, 2**31, 0.9)
+    assert budget.figure_note(load_records(tmp_path / "b")).startswith("the paper's full training budget")
+
+
 def test_table_without_budgets_has_no_budget_column(tmp_path):
     _write_record(tmp_path, "plain", ["experiment=mqar_tiny"], 1000, 0.9)
     df = budget.add_table_columns(load_records(tmp_path))
