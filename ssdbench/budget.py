@@ -11,6 +11,15 @@ written with the resolvers below, so that one override moves all of it::
 
     ssdbench run experiment=mqar_fig8 budget=1/8     # 1,024 of the paper's 8,192 steps at T=256
 
+``budget_cut`` says what the fraction cuts: ``steps`` (the default: the paper's batch, a fraction
+of its steps) or ``batch`` (all of the paper's steps, a fraction of its batch, so the same
+tokens are spent on the paper's number of updates). Synthetic tasks like MQAR are learned by
+leaving a plateau after a number of steps, so at a fraction below 1 ``budget_cut=batch`` is the
+closer test (results/h100/fig8_t256_steps/README.md)::
+
+    trainer.max_steps: ${ssdbench.cut_if:${paper.steps},${budget},${budget_cut},steps}
+    task.batch_size: ${ssdbench.cut_if:${paper.batch_size},${budget},${budget_cut},batch}
+
 ``budget`` takes a number or a fraction written ``1/8``. It must lie in (0, 1]: more than the
 paper trained is allowed only with ``budget_over_paper=true``, so that a typo (``budget=8``
 for ``1/8``) cannot start a run eight times the paper's. The record keeps the fraction and the
@@ -84,6 +93,20 @@ def budget_steps(count, budget) -> int | None:
     return max(1, round(n * frac))
 
 
+CUTS = ("steps", "batch")
+
+
+def cut_if(count, budget, cut, what) -> int | None:
+    """``${ssdbench.cut_if:count,budget,budget_cut,what}``: ``count`` (the paper's steps, or its
+    batch) cut to the budget when ``budget_cut`` is ``what``, else as it is: a fraction cuts the
+    steps or the batch, never both. None for a ``budget_cut`` it cannot read (reported by
+    :func:`check_budget`)."""
+    n = _int(count)
+    if n is None or cut not in CUTS or what not in CUTS:
+        return None
+    return budget_steps(n, budget) if cut == what else n
+
+
 def every(steps, times) -> int | None:
     """``${ssdbench.every:max_steps,times}``: an interval that happens ``times`` times in a run
     of ``steps`` steps (validation), never longer than the run and at least one step."""
@@ -105,7 +128,7 @@ def div(a, b) -> int | None:
     return None if a is None or not b else a // b
 
 
-RESOLVERS = {"ssdbench.budget_steps": budget_steps, "ssdbench.every": every,
+RESOLVERS = {"ssdbench.budget_steps": budget_steps, "ssdbench.cut_if": cut_if, "ssdbench.every": every,
              "ssdbench.mul": mul, "ssdbench.div": div}
 
 
@@ -130,6 +153,9 @@ def check_budget(cfg: DictConfig) -> None:
                                     f"presets that follow a paper ({PROTOCOL_PRESETS}), and this config has "
                                     f"no paper block")
     if paper is None:
+        if cfg.get("budget_cut", "steps") != "steps":
+            raise ConfigError("budget_cut", f"says what a budget cuts of a paper's protocol ({PROTOCOL_PRESETS}), "
+                                            f"and this config has no paper block")
         return
     frac = budget_fraction(value)
     if frac is None:
@@ -145,6 +171,15 @@ def check_budget(cfg: DictConfig) -> None:
                                     f"{paper.get('steps')} steps); add budget_over_paper=true to train longer "
                                     f"than the paper did")
     _check_paper(paper)
+    cut = cfg.get("budget_cut", "steps")
+    if cut not in CUTS:
+        raise ConfigError("budget_cut", f"must be steps (the paper's batch, a fraction of its steps) or "
+                                        f"batch (all of its steps, a fraction of its batch), got {cut!r}")
+    sequences = frac * paper.batch_size
+    if cut == "batch" and (sequences.denominator != 1 or sequences < 1):
+        raise ConfigError("budget", f"with budget_cut=batch, {label(frac)} of the paper's batch of "
+                                    f"{paper.batch_size} sequences is not a whole number of sequences; "
+                                    f"pick a fraction that divides it (e.g. 1/{paper.batch_size})")
 
 
 def _check_paper(paper: DictConfig) -> None:
@@ -162,7 +197,7 @@ def _check_paper(paper: DictConfig) -> None:
 def record_fields(cfg: DictConfig, tokens_seen: int | None = None) -> dict | None:
     """The record's ``budget`` block, None for a config that follows no paper.
 
-    fraction / label: the knob; steps: the steps this run was set to train (trainer.max_steps,
+    fraction / label: the knob; cut: what it cut (steps or batch); steps: the steps this run was set to train (trainer.max_steps,
     which an explicit override may have moved off the knob), steps_fraction: those steps over the
     paper's; paper: the paper's block, resolved. With ``tokens_seen``, tokens_fraction: the tokens
     trained over the paper's (``ssdbench table`` computes it from the record's tokens_seen).
@@ -173,7 +208,8 @@ def record_fields(cfg: DictConfig, tokens_seen: int | None = None) -> dict | Non
     frac = budget_fraction(cfg.get("budget")) or Fraction(1)
     block = OmegaConf.to_container(paper, resolve=True)
     steps = int(cfg.trainer.max_steps)
-    out = {"fraction": float(frac), "label": label(frac), "over_paper": frac > 1, "steps": steps,
+    out = {"fraction": float(frac), "label": label(frac), "over_paper": frac > 1,
+           "cut": cfg.get("budget_cut", "steps"), "steps": steps,
            "steps_fraction": steps / block["steps"], "paper": block}
     if tokens_seen is not None:
         out["tokens_fraction"] = tokens_seen / block["tokens"]

@@ -130,7 +130,7 @@ OPERATIONAL_KEYS = frozenset({"progress_bar", "resume", "force", "results_dir", 
 # had in effect: a record without the key compares equal to a config holding that value, so
 # a rerun of an older finished sweep still skips its jobs instead of training them afresh.
 ADDED_KEYS = {"trainer.cuda_graph": "auto", "trainer.gather_labels": True, "budget": None,
-              "budget_over_paper": False, "paper": None, "optim.schedule": "cosine", "optim.min_lr_ratio": None, "task.cache": True,
+              "budget_over_paper": False, "budget_cut": "steps", "paper": None, "optim.schedule": "cosine", "optim.min_lr_ratio": None, "task.cache": True,
               "task.fresh_data": False, "model.abs_positions": False}
 
 

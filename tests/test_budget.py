@@ -131,6 +131,36 @@ def test_budget_scales_steps_examples_and_intervals():
     assert "budget" not in hydra_cfg.job.config.override_dirname.exclude_keys
 
 
+def test_budget_cut_batch_keeps_the_steps_and_cuts_the_batch():
+    """budget_cut=batch: all of the paper's steps at a fraction of its batch (the same tokens as
+    budget_cut=steps); the curriculum's datasets shrink with the batch, so it keeps its 8 passes."""
+    cfg = _compose("experiment=mqar_fig8", "budget=1/8", "budget_cut=batch")
+    budget.check_budget(cfg)
+    assert (cfg.task.batch_size, cfg.trainer.max_steps, cfg.trainer.val_check_interval) == (128, 8192, 1024)
+    assert [s.num_examples for s in cfg.task.train_segments] == [2**15] * 4
+    r = budget.record_fields(cfg, tokens_seen=8192 * 128 * 256)
+    assert (r["cut"], r["steps_fraction"], r["tokens_fraction"]) == ("batch", 1.0, 0.125)
+    assert budget.record_fields(_compose("experiment=mqar_fig8", "budget=1/8"))["cut"] == "steps"
+    ih = _compose("experiment=induction_heads", "budget=1/8", "budget_cut=batch")
+    # an epoch is still 8,192 steps: its examples follow the batch run
+    assert (ih.task.batch_size, ih.trainer.max_steps, ih.task.num_train_examples) == (1, 204800, 8192)
+    sc = _compose("experiment=selective_copying_small", "budget=1/64", "budget_cut=batch")
+    assert (sc.task.batch_size, sc.trainer.max_steps) == (1, 400_000)
+
+
+@pytest.mark.parametrize("overrides,key,needle", [
+    (["experiment=mqar_fig8", "budget_cut=sideways"], "budget_cut", "must be steps"),
+    (["experiment=mqar_fig8", "budget=1/3", "budget_cut=batch"], "budget", "not a whole number of sequences"),
+    (["experiment=induction_heads", "budget=1/16", "budget_cut=batch"], "budget", "batch of 8 sequences"),
+    (["budget_cut=batch"], "budget_cut", "no paper block"),
+])
+def test_bad_budget_cut_is_a_config_error(overrides, key, needle):
+    with pytest.raises(ConfigError, match=f"^{key}: ") as e:
+        _check_run_options(_compose(*overrides))
+    assert needle in str(e.value)
+    assert budget.cut_if(8, "1/2", "sideways", "steps") is None
+
+
 def test_presets_outside_the_protocols_have_no_budget():
     for name in ("mqar_fig8_quick", "mqar_tiny"):
         cfg = _compose(f"experiment={name}")
@@ -264,6 +294,16 @@ def test_cli_bad_budget_one_line_exit_2(tmp_path, value):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ssdbench run: invalid config: budget: "), p.stderr
     assert not list(tmp_path.rglob("record.json")) and not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_cli_bad_budget_cut_one_line_exit_2(tmp_path):
+    p = _ssdbench("run", "experiment=selective_copying_small", "budget_cut=sideways", "trainer=cpu",
+                  "progress_bar=false", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssdbench run: invalid config: budget_cut: "), p.stderr
+    assert not list(tmp_path.rglob("record.json"))
 
 
 @pytest.mark.slow
