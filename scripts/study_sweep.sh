@@ -54,7 +54,11 @@ while read -r line; do
   setsid python3 -m ssdbench.cli run -m $launcher $line results_dir="$RESULTS" progress_bar=false \
     > "$OUT/${name}_sweep$n.log" 2>&1 &
   pid=$!
-  ( sleep "$left"; kill -TERM -- "-$pid" 2> /dev/null ) &
+  # the deadline timer: its sleep must die with it and must not hold this script's output open,
+  # or the device call waits for every timer's full deadline after the sweeps have finished
+  # (a 3-minute resume call once held the GPU for its whole 7-minute deadline:
+  # results/h100/fig8_t256_steps/README.md)
+  ( sleep "$left" & s=$!; trap 'kill $s; exit 0' TERM; wait $s; kill -TERM -- "-$pid" ) > /dev/null 2>&1 &
   timer=$!
   if [ "${PARALLEL:-0}" = 1 ]; then pids+=("$n $pid $timer"); else finish "$n" "$pid" "$timer"; fi
 done < "$sweeps"
