@@ -93,7 +93,12 @@ def budget_steps(count, budget) -> int | None:
     return max(1, round(n * frac))
 
 
-CUTS = ("steps", "batch")
+CUTS = ("steps", "batch")  # what a budget below 1 cuts; the first is the default
+
+
+def budget_cut(cfg: DictConfig) -> str:
+    """The config's ``budget_cut`` (configs composed before the key existed: steps)."""
+    return cfg.get("budget_cut", CUTS[0])
 
 
 def cut_if(count, budget, cut, what) -> int | None:
@@ -153,7 +158,7 @@ def check_budget(cfg: DictConfig) -> None:
                                     f"presets that follow a paper ({PROTOCOL_PRESETS}), and this config has "
                                     f"no paper block")
     if paper is None:
-        if cfg.get("budget_cut", "steps") != "steps":
+        if budget_cut(cfg) != CUTS[0]:
             raise ConfigError("budget_cut", f"says what a budget cuts of a paper's protocol ({PROTOCOL_PRESETS}), "
                                             f"and this config has no paper block")
         return
@@ -171,7 +176,7 @@ def check_budget(cfg: DictConfig) -> None:
                                     f"{paper.get('steps')} steps); add budget_over_paper=true to train longer "
                                     f"than the paper did")
     _check_paper(paper)
-    cut = cfg.get("budget_cut", "steps")
+    cut = budget_cut(cfg)
     if cut not in CUTS:
         raise ConfigError("budget_cut", f"must be steps (the paper's batch, a fraction of its steps) or "
                                         f"batch (all of its steps, a fraction of its batch), got {cut!r}")
@@ -209,7 +214,7 @@ def record_fields(cfg: DictConfig, tokens_seen: int | None = None) -> dict | Non
     block = OmegaConf.to_container(paper, resolve=True)
     steps = int(cfg.trainer.max_steps)
     out = {"fraction": float(frac), "label": label(frac), "over_paper": frac > 1,
-           "cut": cfg.get("budget_cut", "steps"), "steps": steps,
+           "cut": budget_cut(cfg), "steps": steps,
            "steps_fraction": steps / block["steps"], "paper": block}
     if tokens_seen is not None:
         out["tokens_fraction"] = tokens_seen / block["tokens"]
