@@ -20,6 +20,7 @@ import difflib
 from ssdbench.errors import ConfigError
 
 GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads", "hydra/launcher")
+BUDGET_KEYS = ("budget", "budget_cut", "budget_over_paper")
 FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc")
 
 
@@ -169,4 +170,28 @@ def check(argv: list[str]) -> list[str]:
             raise ConfigError(bare, f"is not an option of {target}{_nearest(bare, keys)}")
         raise ConfigError(bare, f"is not a config key{' (+ adds it, but nothing reads it)' if added else ''}"
                                 f"{_nearest(bare, keys)}")
-    return [rewritten.get(a, a) for a in argv]
+    argv = [rewritten.get(a, a) for a in argv]
+    if any(o.key_or_group.lstrip("+~") in BUDGET_KEYS for _, o in values):
+        _check_budget([a for a in argv if "=" in a and not a.startswith("-")], first)
+    return argv
+
+
+def _check_budget(items: list[str], first) -> None:
+    """budget / budget_cut / budget_over_paper checked on the config they compose (the run's own
+    check, budget.check_budget), here so that a bad budget costs a second, not the imports."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ssdbench import budget
+
+    parsed = OverridesParser.create().parse_overrides(items)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("ssdbench.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[f"{o.key_or_group}={first(o)}" for o in parsed if not o.is_delete()])
+    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself, as before
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    budget.check_budget(cfg)

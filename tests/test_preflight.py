@@ -24,6 +24,12 @@ from ssdbench.errors import ConfigError
     (["model.d_modle=64"], "model.d_modle: is not an option of ssdbench.models.mamba2.Mamba2 (nearest: model.d_model"),
     (["model=transformerpp", "+model.d_state=16"], "model.d_state: is not an option of "
                                                    "ssdbench.models.transformerpp.TransformerPP"),
+    # the budget keys, checked on the composed config (budget.check_budget) before the imports
+    (["budget=1/8"], "budget: is the fraction of a paper's training steps"),
+    (["experiment=mqar_fig8", "budget=2"], "budget: 2 is more than the paper's budget"),
+    (["experiment=mqar_fig8", "budget=0"], "budget: must be in (0, 1]"),
+    (["experiment=mqar_fig8", "budget=1/8", "budget_cut=foo"], "budget_cut: must be steps"),
+    (["-m", "experiment=mqar_fig8", "budget=1/3,1/8", "budget_cut=batch"], "budget: with budget_cut=batch, 1/3"),
 ])
 def test_bad_override_is_a_config_error(args, needle):
     with pytest.raises(ConfigError) as e:
@@ -38,6 +44,9 @@ def test_bad_override_is_a_config_error(args, needle):
     (["optim.lr=1e-3", "seed=3", "compile=true", "trainer.cuda_graph=false"],
      ["optim.lr=1e-3", "seed=3", "compile=true", "trainer.cuda_graph=false"]),
     (["experiment=mqar_fig8", "budget=1/8"], ["experiment=mqar_fig8", "budget=1/8"]),
+    (["experiment=mqar_fig8", "budget=1/8", "budget_cut=batch"], ["experiment=mqar_fig8", "budget=1/8", "budget_cut=batch"]),
+    (["experiment=mqar_fig8", "budget=2", "budget_over_paper=true"],
+     ["experiment=mqar_fig8", "budget=2", "budget_over_paper=true"]),
     (["optim.lr=1"], ["optim.lr=1"]),  # an integer is a number
     # a key whose value is an interpolation of a resolver this check does not load is present
     (["trainer=ddp", "trainer.precision=32-true"], ["trainer=ddp", "trainer.precision=32-true"]),
@@ -50,7 +59,8 @@ def test_good_overrides_pass_and_listed_arguments_need_no_plus(args, expected):
 def test_bad_override_from_the_command_line_is_one_line_exit_2_and_fast(tmp_path):
     """Through the CLI: one line, exit 2, nothing written, before Lightning and the kernels are
     imported (0.4-0.7 s on an idle 2-core machine; the limit leaves room for a loaded one)."""
-    for args in (["optim.lr=abc"], ["seed=abc"], ["nonexistent_key=1"], ["+typo_key=1"], ["task.nope=1"]):
+    for args in (["optim.lr=abc"], ["seed=abc"], ["nonexistent_key=1"], ["+typo_key=1"], ["task.nope=1"],
+                 ["experiment=mqar_fig8", "budget=2"]):
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "ssdbench.cli", "run", *args, f"results_dir={tmp_path}"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_env())
