@@ -105,8 +105,6 @@ def check(argv: list[str]) -> list[str]:
     not list rewritten to ``+key=value``; raises ConfigError (one line) for a bad override."""
     if any(a in FLAGS_WITHOUT_RUN for a in argv):
         return argv
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     items = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -121,15 +119,9 @@ def check(argv: list[str]) -> list[str]:
     def first(o) -> str:  # a sweep's first value stands for all (sweeps are checked per job)
         return next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module("ssdbench.conf", version_base="1.3"):
-            base = compose("config", overrides=[f"{o.key_or_group}={first(o)}" for _, o in groups
-                                                if not o.is_delete()])
-    except Exception:  # noqa: BLE001 - a composition error is Hydra's to report, as before
+    base = _compose([o for _, o in groups], first)
+    if base is None:  # a composition error is Hydra's to report, as before
         return argv
-    finally:
-        GlobalHydra.instance().clear()
     from omegaconf import OmegaConf
 
     def select(key: str, default=None):
@@ -179,19 +171,27 @@ def check(argv: list[str]) -> list[str]:
 def _check_budget(items: list[str], first) -> None:
     """budget / budget_cut / budget_over_paper checked on the config they compose (the run's own
     check, budget.check_budget), here so that a bad budget costs a second, not the imports."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from ssdbench import budget
 
-    parsed = OverridesParser.create().parse_overrides(items)
+    cfg = _compose(OverridesParser.create().parse_overrides(items), first)
+    if cfg is not None:  # else Hydra reports the composition error itself, as before
+        budget.check_budget(cfg)
+
+
+def _compose(overrides, first):
+    """The config that ``overrides`` (parsed; a sweep by its first value) compose, or None where
+    Hydra cannot compose it."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("ssdbench.conf", version_base="1.3"):
-            cfg = compose("config", overrides=[f"{o.key_or_group}={first(o)}" for o in parsed if not o.is_delete()])
-    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself, as before
-        return
+            return compose("config", overrides=[f"{o.key_or_group}={first(o)}" for o in overrides
+                                                if not o.is_delete()])
+    except Exception:  # noqa: BLE001 - a composition error is Hydra's to report
+        return None
     finally:
         GlobalHydra.instance().clear()
-    budget.check_budget(cfg)
