@@ -65,7 +65,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_util import autotune, check_seq_idx_order, exp2_ftz, interpreting
+from .triton_util import autotune, check_seq_idx_order, exp2_ftz, interpreting, softplus
 
 MAX_N = 256  # largest state size N (the backward holds BLOCK_N slices; the ceiling is the brief's)
 
@@ -77,12 +77,6 @@ MAX_N = 256  # largest state size N (the backward holds BLOCK_N slices; the ceil
 def _linear_combine(a1, b1, a2, b2):
     # Composition of the affine maps h -> a1 h + b1 then h -> a2 h + b2 (first one earlier in time).
     return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + e^x); for x > 20 the correction is below fp32 resolution and exp would overflow.
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 # The walk reads K = 8 time steps of u, delta, z as one (BLOCK_D, K) tile along contiguous memory
@@ -230,7 +224,7 @@ def _selective_scan_fwd_walk_kernel(
         if HAS_BIAS:
             dt = dt + bias[:, None]
         if SOFTPLUS:
-            dt = _softplus(dt)
+            dt = softplus(dt)
         dt = tl.where(m, dt, 0.0)  # steps past L: decay 1, no input (the state is kept)
         if HAS_SEQ:
             q = tl.load(seq_ptr + pid_b * s_qb + t * s_ql, mask=t < L, other=0)  # (K,)
@@ -341,8 +335,8 @@ def _selective_scan_bwd_kernel(
             dt_raw = dt_raw + bias[:, None]
             dtn = dtn + bias[:, None]
         if SOFTPLUS:
-            dt = _softplus(dt_raw)
-            dtn = _softplus(dtn)
+            dt = softplus(dt_raw)
+            dtn = softplus(dtn)
         else:
             dt = dt_raw
         dt = tl.where(m2, dt, 0.0)  # (BLOCK_D, BLOCK_T)
@@ -504,7 +498,7 @@ def _bwd_tiles(u_ptr, delta_ptr, z_ptr, dy_ptr, bias, b_off_u, b_off_dl, b_off_z
     if HAS_BIAS:
         dt_raw = dt_raw + bias[:, None]
     if SOFTPLUS:
-        dt = _softplus(dt_raw)
+        dt = softplus(dt_raw)
     else:
         dt = dt_raw
     dt = tl.where(m, dt, 0.0)  # (BLOCK_D, KB) steps past the segment: decay 1, no input
@@ -619,7 +613,7 @@ def _selective_scan_bwd_walk_kernel(
             if HAS_BIAS:
                 dt = dt + bias[:, None]
             if SOFTPLUS:
-                dt = _softplus(dt)
+                dt = softplus(dt)
             dt = tl.where(m, dt, 0.0)
             if HAS_SEQ:
                 keep = _keep(seq_ptr, q_base, s_ql, t, L)

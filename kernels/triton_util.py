@@ -78,3 +78,10 @@ def pow2_factor(*values: int, cap: int = 16) -> int:
     while f < cap and all(v % (2 * f) == 0 for v in values):
         f *= 2
     return f
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + e^x) in float32, as torch's softplus: for x > 20 the correction is below fp32
+    resolution (and e^x would overflow), so x itself."""
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))

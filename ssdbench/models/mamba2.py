@@ -33,6 +33,7 @@ from torch import nn
 from ssdbench.errors import require, require_positive_int
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from ssdbench.kernels.gated_rmsnorm import gated_rms_norm_ref
+from ssdbench.kernels.mamba2_decode import mamba2_decode_step
 from ssdbench.kernels.mamba2_fused import Dims, mamba2_inner
 from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_step, use_triton
 from ssdbench.models.layers import GatedRMSNorm, store_conv_state
@@ -74,6 +75,7 @@ class Mamba2Mixer(nn.Module):
         # [z | x | B | C | dt] widths
         self.splits = [self.d_inner, self.Hx * self.P, self.Gb * self.N, self.Gc * self.N, self.H]
         self.conv_dim = self.Hx * self.P + (self.Gb + self.Gc) * self.N
+        self.dims = Dims(self.d_inner, self.Hx, self.P, self.Gb, self.Gc, self.N, self.H)  # the fused kernels' widths
         self.in_proj = nn.Linear(d_model, sum(self.splits), bias=False)
         # Depthwise conv parameters live in an nn.Conv1d for its default init; the computation
         # goes through the project's causal_conv1d (seq_idx-aware, Triton on GPUs).
@@ -115,9 +117,8 @@ class Mamba2Mixer(nn.Module):
             if pad:  # (no copy of the weight when the width is already aligned)
                 w = F.pad(w, (0, 0, 0, pad))  # (width + pad, d_model)
             proj = F.linear(u, w)  # (batch, L, width + pad) = [z | x B C | dt | pad]
-            dims = Dims(self.d_inner, self.Hx, self.P, self.Gb, self.Gc, self.N, self.H)
             y = mamba2_inner(proj, self.conv1d.weight, self.conv1d.bias, A, self.D, self.dt_bias, self.norm.weight,
-                             dims, self.chunk_size, self.dt_limit, self.norm.eps, self.norm.group_size, seq_idx)
+                             self.dims, self.chunk_size, self.dt_limit, self.norm.eps, self.norm.group_size, seq_idx)
             return self.out_proj(y)  # y (batch, L, d_inner)
         # the plain-PyTorch path (the CPU path and the reference of the tests)
         proj = self.in_proj(u)  # (batch, L, d_inner + conv_dim + H) = [z | x B C | dt]
@@ -174,6 +175,10 @@ class Mamba2Mixer(nn.Module):
         conv_state, ssm_state = state
         batch = u.shape[0]
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.H], dim=-1)
+        if self._triton(u):  # conv update and SSD step in two kernels (kernels/mamba2_decode.py)
+            y = mamba2_decode_step(xBC, dt, conv_state, self.conv1d.weight, self.conv1d.bias, ssm_state, self.A_log,
+                                   self.D, self.dt_bias, self.dims, self.dt_limit)  # (batch, d_inner)
+            return self.out_proj(self.norm(y, z)), (conv_state, ssm_state)
         xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight, self.conv1d.bias, activation="silu")
         x, B, C = torch.split(xBC, self.splits[1:4], dim=-1)
         A = -torch.exp(self.A_log.float())
