@@ -242,6 +242,31 @@ def add_table_columns(df):
     return df
 
 
+def run_labels(df):
+    """Each run's budget as a figure legend writes it: the fraction of the paper's steps, and
+    its fraction of the paper's tokens where that differs ("1 of steps, 1/8 of tokens" for all
+    of Figure 8's steps at 1/8 of its batch, whether that batch was set by ``budget_cut=batch``
+    or by hand). None outside a paper's protocol."""
+    import pandas as pd
+
+    if "budget.steps_fraction" not in df.columns:
+        return pd.Series([None] * len(df), index=df.index, dtype=object)
+    frac = pd.to_numeric(df["budget.steps_fraction"], errors="coerce")
+    tok = pd.Series(float("nan"), index=df.index)
+    if "tokens_seen" in df.columns and "budget.paper.tokens" in df.columns:
+        tok = pd.to_numeric(df["tokens_seen"], errors="coerce") / \
+            pd.to_numeric(df["budget.paper.tokens"], errors="coerce")
+    out = []
+    for f, t in zip(frac, tok):
+        if pd.isna(f):
+            out.append(None)
+            continue
+        f = Fraction(f).limit_denominator(100000)
+        t = Fraction(t).limit_denominator(1000) if pd.notna(t) and t > 0 else None
+        out.append(label(f) if t is None or t == f else f"{label(f)} of steps, {label(t)} of tokens")
+    return pd.Series(out, index=df.index, dtype=object)
+
+
 def figure_note(df) -> str | None:
     """One line for a figure's title saying which fraction of whose budget its runs had, e.g.
     "1/8 of the paper's training steps (Mamba-2 (Dao & Gu 2024), Figure 8, Appendix D.1)";

@@ -85,10 +85,11 @@ def _hue_key(df: pd.DataFrame, split_state: bool = True) -> pd.Series:
         n = pd.to_numeric(df[n_col], errors="coerce")
         key = key.where(~varies | n.isna(), key + " N=" + n.astype("Int64").astype(str))
     # runs of one model at several budgets are separate lines, never averaged into one
-    b_col = "budget.label"
-    if b_col in df.columns:
-        varies = df.groupby(key.values)[b_col].transform("nunique") > 1
-        key = key.where(~varies | df[b_col].isna(), key + " (budget " + df[b_col].astype(str) + ")")
+    # (by steps and tokens run, not the budget knob's label: the same protocol set by hand or by
+    # budget_cut is one line)
+    runs = budget.run_labels(df)
+    varies = runs.groupby(key.values).transform("nunique") > 1
+    key = key.where(~varies | runs.isna(), key + " (budget " + runs.astype(str) + ")")
     return key
 
 

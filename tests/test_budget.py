@@ -277,6 +277,20 @@ def test_lines_at_different_budgets_are_not_averaged(tmp_path):
     assert hue == {"mamba2 (budget 1/8)", "mamba2 (budget 1/2)"}
 
 
+def test_same_protocol_by_hand_or_by_budget_cut_is_one_line(tmp_path):
+    """All of Figure 8's steps at 1/8 of its batch, set with budget_cut=batch or by hand (the
+    steps and batch as overrides), is one protocol: one legend entry; the paper's batch with
+    1/8 of its steps (the same tokens) is another."""
+    root = tmp_path / "s"
+    _write_record(root, "cut", ["experiment=mqar_fig8", "budget=1/8", "budget_cut=batch"], 2**28, 0.4, 32)
+    _write_record(root, "hand", ["experiment=mqar_fig8", "trainer.max_steps=8192"], 2**28, 0.6, 64)
+    _write_record(root, "steps", ["experiment=mqar_fig8", "budget=1/8"], 2**28, 0.1, 64)
+    df = load_records(root)
+    labels = dict(zip(df["run"], budget.run_labels(df)))
+    assert labels == {"cut": "1 of steps, 1/8 of tokens", "hand": "1 of steps, 1/8 of tokens", "steps": "1/8"}
+    assert set(plots._hue_key(df)) == {"mamba2 (budget 1 of steps, 1/8 of tokens)", "mamba2 (budget 1/8)"}
+
+
 # ----------------------------------------------------------------------------- the command
 
 def _ssdbench(*args, cwd, timeout=300):
