@@ -10,6 +10,8 @@
 # them into the package); running from the repo root, links make `import ssdbench.kernels` work
 # without installing.
 #   bash scripts/device.sh STAGE [ARGS...]    stages run in the order given with `;`
+#   suite K/N      -> part K of N of the whole GPU suite (files dealt round-robin; 2 parts fit a
+#                     call each: the whole suite took 522 s in one call beside a sweep); $OUT/suite_KofN.log
 #   tests [FILES]  -> pytest on the GPU (kernels in bf16/fp16/fp32), 12 xdist workers (compiling
 #                     the kernels is CPU-bound), stopped by SIGINT after $BUDGET s (default 400) so
 #                     pytest still prints its summary; log in $OUT/tests_*.log
@@ -34,6 +36,15 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$OUT/gpu.txt"
 case $stage in
+  suite)  # part K of N of the whole suite: the test files dealt round-robin in name order, so
+          # that the slow kernel files (test_selective_scan, test_ssd) fall in different parts
+    k=${1%/*} n=${1#*/}
+    [[ "$k" =~ ^[0-9]+$ && "$n" =~ ^[0-9]+$ && "$k" -ge 1 && "$k" -le "$n" ]] || { echo "suite K/N, e.g. suite 1/2"; exit 2; }
+    mapfile -t files < <(ls tests/test_*.py | awk -v k="$k" -v n="$n" '(NR - 1) % n == k - 1')
+    echo "suite part $k of $n: ${files[*]}" > "$OUT/suite_${k}of${n}.log"
+    timeout -s INT "${BUDGET:-540}" python3 -m pytest -q -rfE -n "${WORKERS:-12}" -p no:cacheprovider \
+      --timeout 300 --durations 8 "${files[@]}" >> "$OUT/suite_${k}of${n}.log" 2>&1
+    tail -40 "$OUT/suite_${k}of${n}.log" ;;
   tests)
     name=$(echo "${1:-all}" | tr '/' '_' | sed 's/\.py//')
     [ $# -gt 0 ] || set -- tests/
