@@ -439,14 +439,44 @@ class _CausalConv1dChannelLastFn(torch.autograd.Function):
         return dx.transpose(1, 2), dw, db, None, None
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
-    """One decoding step, in plain PyTorch; shifts ``conv_state`` in place.
+@triton.jit
+def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C_DIM,
+                        stride_xb, stride_sb, stride_sc, stride_ob,
+                        W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """One decoding step of the conv for BLOCK channels of one row: out = act(w . [state, x] + b),
+    and the state (W-1 inputs, oldest first) shifts left in place. One program owns its channels,
+    so the in-place shift has no reader elsewhere."""
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
+    mask = c < C_DIM
+    xv = tl.load(x_ptr + b * stride_xb + c, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+    acc = xv * tl.load(w_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
+    srow = state_ptr + b * stride_sb + c * stride_sc  # (BLOCK,) pointers to each channel's inputs
+    for k in tl.static_range(W - 1):  # oldest first
+        sk = tl.load(srow + k, mask=mask, other=0.0)
+        acc += sk.to(tl.float32) * tl.load(w_ptr + c * W + k, mask=mask, other=0.0).to(tl.float32)
+        if k > 0:  # shift left: input k moves to slot k - 1
+            tl.store(srow + (k - 1), sk, mask=mask)
+    tl.store(srow + (W - 2), xv.to(state_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * stride_ob + c, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, impl="torch"):
+    """One decoding step; shifts ``conv_state`` in place.
 
     x: (batch, D) the new input. conv_state holds the previous inputs, oldest first, either
     (batch, D, W-1) — exactly the W-1 past inputs the next output needs — or (batch, D, W) as in
     mamba_ssm / causal-conv1d (the window *including* the newest input after the update). Both
     end holding the most recent inputs. Returns out (batch, D) in x's dtype, equal to the last
     position of :func:`causal_conv1d` over the same history.
+
+    impl "torch" (default): plain PyTorch, about eight small kernels. "triton": one kernel (the
+    decode steps of both Mamba mixers on the GPU); it takes the (batch, D, W-1) state with a unit
+    last stride, and x with any row stride (a slice of a projection) and a unit column stride.
     """
     if x.dim() != 2:
         raise ValueError(f"x: expected (batch, D), got shape {tuple(x.shape)}")
@@ -459,6 +489,21 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
         raise ValueError(f"conv_state: expected (batch, D, {W - 1}) or (batch, D, {W}), got {tuple(conv_state.shape)}")
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+    if impl == "triton":
+        if conv_state.shape[2] != W - 1 or conv_state.stride(2) != 1 or x.stride(1) != 1:
+            raise ValueError(f"conv_state: the Triton step takes (batch, D, {W - 1}) with unit last strides "
+                             f"(x too), got {tuple(conv_state.shape)}")
+        batch, dim = x.shape
+        weight = weight.contiguous()
+        out = torch.empty(batch, dim, device=x.device, dtype=x.dtype)  # (batch, D)
+        BLOCK = 256
+        _conv_update_kernel[(batch, triton.cdiv(dim, BLOCK))](
+            x, conv_state, weight, bias if bias is not None else weight, out, dim,
+            x.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
+            W=W, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK=BLOCK)
+        return out
+    if impl != "torch":
+        raise ValueError(f"impl: expected 'torch' or 'triton', got {impl!r}")
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     window = torch.cat([conv_state[:, :, conv_state.shape[2] - (W - 1):].to(cdt), x.to(cdt)[:, :, None]], dim=-1)  # (batch, D, W)
     out = (window * weight.to(cdt)).sum(-1)  # (batch, D)

@@ -6,9 +6,8 @@ einsum, the skip). In a 1.3B model's decode step, replayed from a CUDA graph, th
 more than reading the weights: 6.16 ms against a 0.91 ms weight-read floor at batch 1
 (results/h100/generate/README.md). Here the same step is two launches:
 
-1. ``_conv_step``: per channel c of xBC, window = [conv_state[c, :], x[c]], out = silu(w . window
-   + b); conv_state shifts left in place. One program owns a block of channels, so the in-place
-   shift has no reader in another program.
+1. the conv's step (``causal_conv1d_update(impl="triton")``, kernels/causal_conv1d.py): per
+   channel c of xBC, out = silu(w . [conv_state[c, :], x[c]] + b); conv_state shifts left in place.
 2. ``_ssd_step``: per (batch, head h, block of P rows): dt = clamp(softplus(dt_raw + dt_bias));
    a = exp(dt * A), A = -exp(A_log); state (P, N) <- a * state + dt * x B^T;
    y = state C + D x. B and C are read from the group of head h (head structure: x has Hx heads,
@@ -24,30 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .causal_conv1d import causal_conv1d_update
 from .mamba2_fused import Dims
 from .triton_util import softplus
-
-
-@triton.jit
-def _conv_step(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C_DIM,
-               stride_xb, stride_sb, stride_sc, stride_ob,
-               W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
-    mask = c < C_DIM
-    xv = tl.load(x_ptr + b * stride_xb + c, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-    acc = xv * tl.load(w_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
-    srow = state_ptr + b * stride_sb + c * stride_sc  # (BLOCK,) pointers to each channel's W-1 inputs
-    for k in tl.static_range(W - 1):  # oldest first
-        sk = tl.load(srow + k, mask=mask, other=0.0)
-        acc += sk.to(tl.float32) * tl.load(w_ptr + c * W + k, mask=mask, other=0.0).to(tl.float32)
-        if k > 0:  # shift left: input k moves to slot k - 1
-            tl.store(srow + (k - 1), sk, mask=mask)
-    tl.store(srow + (W - 2), xv.to(state_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    acc = acc * tl.sigmoid(acc)  # silu
-    tl.store(out_ptr + b * stride_ob + c, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -112,13 +90,7 @@ def mamba2_decode_step(xBC: torch.Tensor, dt: torch.Tensor, conv_state: torch.Te
         raise ValueError(f"dt: expected (batch, {H}) and unit column strides, got {tuple(dt.shape)}")
     if D is not None and D.shape != (H,):
         raise ValueError(f"D: expected ({H},), got {tuple(D.shape)}")
-    w = w.contiguous()
-    xa = torch.empty(batch, conv_dim, device=xBC.device, dtype=xBC.dtype)  # the conv's output
-    BLOCK = 256
-    _conv_step[(batch, triton.cdiv(conv_dim, BLOCK))](
-        xBC, conv_state, w, conv_bias if conv_bias is not None else w, xa, conv_dim,
-        xBC.stride(0), conv_state.stride(0), conv_state.stride(1), xa.stride(0),
-        W=W, HAS_BIAS=conv_bias is not None, BLOCK=BLOCK)
+    xa = causal_conv1d_update(xBC, conv_state, w, conv_bias, activation="silu", impl="triton")  # (batch, conv_dim)
     y = torch.empty(batch, H * P, device=xBC.device, dtype=xBC.dtype)  # (batch, H * P)
     BLOCK_N = triton.next_power_of_2(N)
     # P rows per program: enough programs to fill the GPU at batch 1 (H * P / 16 of them), a tile

@@ -1264,12 +1264,51 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return y
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decoding step of the selective scan, in plain PyTorch; updates ``state`` in place.
+@triton.jit
+def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+                         DIM, N, D_PER_GB, D_PER_GC,
+                         s_sb, s_sd, s_xb, s_dtb, s_Ad, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_zb, s_yb,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One step for BLOCK_D channels of one row: h = exp(dt A) h + dt x B; y = h C (+ D x)
+    (* silu(z)). The state (BLOCK_D, N) stays in registers between its load and its store."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    md, mn = d < DIM, n < N
+    m2 = md[:, None] & mn[None, :]
+    x = tl.load(x_ptr + b * s_xb + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    dt = tl.load(dt_ptr + b * s_dtb + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = softplus(dt)
+    A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :], mask=m2, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+    gb, gc = d // D_PER_GB, d // D_PER_GC  # each channel's B group and C group
+    Bv = tl.load(B_ptr + b * s_Bb + gb[:, None] * s_Bg + n[None, :] * s_Bn, mask=m2, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * s_Cb + gc[:, None] * s_Cg + n[None, :] * s_Cn, mask=m2, other=0.0).to(tl.float32)
+    sp = state_ptr + b * s_sb + d[:, None] * s_sd + n[None, :]  # (BLOCK_D, BLOCK_N)
+    h = tl.load(sp, mask=m2, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv
+    tl.store(sp, h.to(state_ptr.dtype.element_ty), mask=m2)
+    y = tl.sum(h * Cv, axis=1)  # (BLOCK_D,)
+    if HAS_D:
+        y += tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        zv = tl.load(z_ptr + b * s_zb + d, mask=md, other=0.0).to(tl.float32)
+        y = y * zv * tl.sigmoid(zv)
+    tl.store(y_ptr + b * s_yb + d, y.to(y_ptr.dtype.element_ty), mask=md)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, impl="torch"):
+    """One decoding step of the selective scan; updates ``state`` in place.
 
     state: (batch, D, N) (any float dtype, usually float32); x, dt, z: (batch, D);
     A: (D, N); B, C: (batch, N) or (batch, G, N); D, dt_bias: (D,). Returns y (batch, D) in x's
     dtype, equal to one step of :func:`selective_scan` carried from ``state``.
+    impl "torch" (default): plain PyTorch, about fifteen small kernels. "triton": one kernel
+    (Mamba-1's decode step on the GPU); x, dt, z, B, C may be strided views (slices of a
+    projection, or LTI's broadcast B and C), state must have a unit last stride.
     """
     if isinstance(A, torch.Tensor) and A.is_complex():
         raise ValueError("A: complex A is not supported; only real diagonal A")
@@ -1291,6 +1330,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             raise ValueError(f"{name}: expected (batch, N) or (batch, G, N) with G dividing D, got {tuple(t.shape)}")
         return t.to(cdt).repeat_interleave(dim // t.shape[1], dim=1)
 
+    if impl == "triton":
+        return _state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if impl != "torch":
+        raise ValueError(f"impl: expected 'torch' or 'triton', got {impl!r}")
     Bx, Cx = groups("B", B), groups("C", C)  # (batch, D, N)
     dtf = dt.to(cdt)  # (batch, D)
     if dt_bias is not None:
@@ -1306,3 +1349,33 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if z is not None:
         y = y * F.silu(z.to(cdt))
     return y.to(x.dtype)
+
+
+def _state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """The Triton launch of :func:`selective_state_update` (shapes checked by it)."""
+    batch, dim, N = state.shape
+    B3 = B if B.dim() == 3 else B.unsqueeze(1)  # (batch, G, N)
+    C3 = C if C.dim() == 3 else C.unsqueeze(1)
+    for name, t in (("B", B3), ("C", C3)):
+        if t.shape[0] != batch or t.shape[2] != N or dim % t.shape[1] != 0:
+            raise ValueError(f"{name}: expected (batch, N) or (batch, G, N) with G dividing D, got "
+                             f"{tuple(t.shape)}")
+    if state.stride(2) != 1 or x.stride(1) != 1 or dt.stride(1) != 1 or (z is not None and z.stride(1) != 1) \
+            or A.stride(1) != 1:
+        raise ValueError("state, x, dt, z, A: the Triton step takes unit last strides")
+    if N > MAX_N:
+        raise ValueError(f"N={N}: the Triton step takes N <= {MAX_N}")
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)  # (batch, D)
+    BLOCK_N = triton.next_power_of_2(N)
+    # channels a program: a (BLOCK_D, N) state tile of 2,048 fp32 values (16 registers a thread)
+    BLOCK_D = max(1, min(triton.next_power_of_2(dim), 2048 // BLOCK_N))
+    dummy = A  # stands for the absent optional inputs (never read)
+    _state_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
+        state, x, dt, A, B3, C3, D if D is not None else dummy, z if z is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, y, dim, N, dim // B3.shape[1], dim // C3.shape[1],
+        state.stride(0), state.stride(1), x.stride(0), dt.stride(0), A.stride(0),
+        B3.stride(0), B3.stride(1), B3.stride(2), C3.stride(0), C3.stride(1), C3.stride(2),
+        z.stride(0) if z is not None else 0, y.stride(0),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
+    return y

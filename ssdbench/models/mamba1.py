@@ -115,13 +115,14 @@ class Mamba1Mixer(nn.Module):
         return causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu",
                              seq_idx=seq_idx, impl=self.impl, channel_last=True)
 
+    def _triton(self, x) -> bool:
+        """auto: the Triton kernels on CUDA, the references elsewhere (the interpreter is far
+        slower than the sequential reference on a CPU); triton: the kernels (CUDA or
+        TRITON_INTERPRET=1; the conv already refused anything else); torch: the references."""
+        return not (self.impl == "torch" or (self.impl == "auto" and not x.is_cuda))
+
     def _scan(self, x, *args, **kwargs):
-        # auto: the Triton kernel on CUDA, the reference elsewhere (the interpreter is far
-        # slower than the sequential reference on a CPU); triton: the kernel (CUDA or
-        # TRITON_INTERPRET=1; the conv above already refused anything else); torch: reference.
-        if self.impl == "torch" or (self.impl == "auto" and not x.is_cuda):
-            return selective_scan_ref(x, *args, **kwargs)
-        return selective_scan(x, *args, **kwargs)
+        return selective_scan(x, *args, **kwargs) if self._triton(x) else selective_scan_ref(x, *args, **kwargs)
 
     def _lti_params(self, *lead):
         """LTI: delta without its bias (*lead, D) and B, C (*lead, N) as stride-0 broadcast views
@@ -174,16 +175,17 @@ class Mamba1Mixer(nn.Module):
     def step(self, u: torch.Tensor, state):
         """u (batch, d_model) -> (batch, d_model); advances (conv_state, ssm_state) in place."""
         conv_state, ssm_state = state
+        impl = "triton" if self._triton(u) else "torch"  # on the GPU: one kernel each for the conv and the scan
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, D) each
-        x = causal_conv1d_update(x, conv_state, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight, self.conv1d.bias, activation="silu", impl=impl)
         if self.selective:
             dt, B, C = torch.split(self.x_proj(x), [self.R, self.N, self.N], dim=-1)  # (batch, R), (batch, N) x2
             delta = F.linear(dt, self.dt_proj.weight)  # (batch, D)
         else:
             delta, B, C = self._lti_params(u.shape[0])  # (batch, D), (batch, N) x2
         A = self._A()  # (D, N)
-        y = selective_state_update(ssm_state, x, delta, A, B, C, D=self.D, z=z,
-                                   dt_bias=self.dt_proj.bias, dt_softplus=True)  # (batch, D)
+        y = selective_state_update(ssm_state, x, delta, A, B, C, D=self.D, z=z, dt_bias=self.dt_proj.bias,
+                                   dt_softplus=True, impl=impl)  # (batch, D)
         return self.out_proj(y), (conv_state, ssm_state)
 
     # ---- accounting ----------------------------------------------------------------------------
