@@ -223,6 +223,35 @@ def _config(d: int, bwd: bool) -> tuple[int, int]:
     return max(1, min(16, (2048 if bwd else 4096) // width)), (4 if width <= 2048 else 8)
 
 
+@triton.jit
+def _rms_norm_rows_kernel(x_ptr, w_ptr, o_ptr, d, s_x, s_o, eps, BLOCK: tl.constexpr):
+    """One row: out = x / sqrt(mean(x^2) + eps) * w, in fp32, stored in out's dtype."""
+    r = tl.program_id(0)
+    c = tl.arange(0, BLOCK)  # (BLOCK,)
+    m = c < d
+    x = tl.load(x_ptr + r * s_x + c, mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps)
+    w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + r * s_o + c, (x * rstd * w).to(o_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The plain (ungated) RMSNorm of ``models.layers.RMSNorm`` as one kernel, forward only:
+    x (rows, d) with a unit column stride, weight (d,) -> (rows, d) in x's dtype. For the decode
+    step, where the PyTorch form's eight small kernels (casts, square, mean, rsqrt, products)
+    are eight launches per norm in the step's graph; training keeps the differentiable form."""
+    if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],):
+        raise ValueError(f"x: expected (rows, d) with a unit column stride and weight (d,), got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[1] > _MAX_WIDTH:
+        raise ValueError(f"d={x.shape[1]}: rows wider than {_MAX_WIDTH} do not fit one program")
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # (rows, d)
+    BLOCK = triton.next_power_of_2(x.shape[1])
+    _rms_norm_rows_kernel[(x.shape[0],)](x, weight, out, x.shape[1], x.stride(0), out.stride(0), float(eps),
+                                         BLOCK=BLOCK, num_warps=4 if BLOCK <= 2048 else 8)
+    return out
+
+
 def gated_rms_norm_ref(x, z, weight, eps=1e-5, group_size=None):
     """Plain-PyTorch gated RMSNorm (differentiable): fp32 math (float64 if any input is
     float64), result in x's dtype."""

@@ -157,3 +157,37 @@ def test_custom_op_contract():
     assert torch.allclose(y, yc, rtol=1e-6, atol=1e-6)
     for a, b in zip(torch.autograd.grad((y * gy).sum(), ins), torch.autograd.grad((yc * gy).sum(), ins_c)):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- the plain RMSNorm of the decode step (rms_norm_rows, forward only) ------------------------
+# Limits from the interpreter (fp32 up to 7.1e-8 here; fp16 the output's rounding, up to
+# 2.3e-4) and bf16 8x fp16's.
+ROWS_TOL = {torch.float32: 5e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+@pytest.mark.parametrize("d", [64, 100, 768])
+def test_rms_norm_rows_matches_the_layer(poison, dtype, d, rows=5):
+    """Against models.layers.RMSNorm's forward in float64, rows strided (a slice of a wider row)."""
+    from ssdbench.models.layers import RMSNorm
+    from ssdbench.kernels.gated_rmsnorm import rms_norm_rows
+
+    layer = RMSNorm(d).to(DEVICE)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x = (3 * torch.randn(rows, 2 * d + 3, device=DEVICE)).to(dtype)[:, d:2 * d]  # (rows, d), row stride 2d + 3
+    y = rms_norm_rows(x, layer.weight, layer.eps)
+    ref = layer.double()(x.double())
+    assert y.dtype == dtype and y.shape == x.shape
+    err = rel_err(y, ref)
+    assert err < ROWS_TOL[dtype], f"relative error {err:.3g} (limit {ROWS_TOL[dtype]:.3g})"
+
+
+@pytest.mark.no_triton
+def test_rms_norm_rows_rejects_bad_shapes():
+    from ssdbench.kernels.gated_rmsnorm import rms_norm_rows
+
+    with pytest.raises(ValueError, match="rows"):
+        rms_norm_rows(torch.randn(2, 3, 8), torch.ones(8))
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm_rows(torch.randn(2, 8), torch.ones(7))

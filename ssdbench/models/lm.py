@@ -138,10 +138,10 @@ class Block(nn.Module):
 
     def step(self, x: torch.Tensor, state):
         """One token: x (batch, d_model) -> (batch, d_model), advancing the mixer's state."""
-        y, state = self.mixer.step(self.norm1(x), state)
+        y, state = self.mixer.step(self.norm1.step(x), state)
         x = x + y
         if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x))
+            x = x + self.mlp(self.norm2.step(x))
         return x, state
 
 
@@ -296,7 +296,7 @@ class LanguageModel(nn.Module):
         for layer, s in zip(self.layers, state):
             x, s = layer.step(x, s)
             new_state.append(s)
-        logits = F.linear(self.norm_f(x), self.embedding.weight)[..., : self.vocab_size]
+        logits = F.linear(self.norm_f.step(x), self.embedding.weight)[..., : self.vocab_size]
         return logits, new_state
 
     # ---- accounting -------------------------------------------------------------------
