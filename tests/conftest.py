@@ -152,6 +152,27 @@ def decode_logits(model, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(steps, 1)
 
 
+def check_mixer_steps(mixer, ref, d_model: int, batch: int = 2, steps: int = 4, prompt_len: int = 5) -> None:
+    """A mixer on its Triton decode kernels against the same weights' PyTorch step in float64
+    (``ref``, impl="torch", .double()): a prefill of a random prompt, then ``steps`` steps, each
+    output within the limit. fp32 on the interpreter: the projections dominate (measured below
+    4e-7); on a GPU the fp32 projections may run in TF32."""
+    assert mixer._triton(torch.empty(1, device=DEVICE)) and not ref._triton(torch.empty(1, device=DEVICE))
+    limit = 2e-6 if not ON_GPU else 2e-3
+    prompt = torch.randn(batch, prompt_len, d_model, device=DEVICE)
+    state = mixer.allocate_state(batch, device=DEVICE)
+    state_ref = ref.allocate_state(batch, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        mixer.prefill(prompt, state)
+        ref.prefill(prompt.double(), state_ref)
+        for t in range(steps):
+            u = torch.randn(batch, d_model, device=DEVICE)
+            y, state = mixer.step(u, state)
+            yr, state_ref = ref.step(u.double(), state_ref)
+            err = rel_err(y, yr)
+            assert err < limit, f"step {t}: relative error {err:.3g} (limit {limit:.3g})"
+
+
 def fresh_seed():
     """A new seed for torch (weights, tokens) and for a random.Random of its own (sizes), returned
     so that every failure message can name it and the draw can be replayed."""

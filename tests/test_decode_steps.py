@@ -6,7 +6,7 @@ on those kernels against its PyTorch step. (Mamba-2's decode kernels: test_mamba
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, poison_fixture, rel_err
+from conftest import DEVICE, ON_GPU, check_mixer_steps, poison_fixture, rel_err
 from ssdbench.kernels import causal_conv1d as cc
 from ssdbench.kernels.causal_conv1d import causal_conv1d_update
 from ssdbench.kernels.selective_scan import selective_state_update
@@ -115,19 +115,4 @@ def test_mamba1_mixer_triton_step_matches_torch_step(poison, selective, batch=2,
     mixer.init_special()  # (A_log, dt's bias, D: the mixer's own initialisation)
     ref = Mamba1Mixer(d_model, impl="torch", **kw).to(DEVICE).double()
     ref.load_state_dict(mixer.state_dict())
-    assert mixer._triton(torch.empty(1, device=DEVICE)) and not ref._triton(torch.empty(1, device=DEVICE))
-    prompt = torch.randn(batch, 5, d_model, device=DEVICE)
-    state = mixer.allocate_state(batch, device=DEVICE)
-    state_ref = ref.allocate_state(batch, device=DEVICE, dtype=torch.float64)
-    # fp32 on the interpreter: the projections dominate (measured below 3e-7); on a GPU the fp32
-    # projections may run in TF32
-    limit = 2e-6 if not ON_GPU else 2e-3
-    with torch.no_grad():
-        ref.prefill(prompt.double(), state_ref)
-        mixer.prefill(prompt, state)
-        for t in range(steps):
-            u = torch.randn(batch, d_model, device=DEVICE)
-            y, state = mixer.step(u, state)
-            yr, state_ref = ref.step(u.double(), state_ref)
-            err = rel_err(y, yr)
-            assert err < limit, f"step {t}: relative error {err:.3g} (limit {limit:.3g})"
+    check_mixer_steps(mixer, ref, d_model, batch, steps)

@@ -6,7 +6,7 @@ projection and several steps in a row; then the mixer's Triton step against its 
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, poison_fixture, rel_err
+from conftest import DEVICE, ON_GPU, check_mixer_steps, poison_fixture, rel_err
 from ssdbench.kernels import mamba2_decode
 from ssdbench.kernels.causal_conv1d import causal_conv1d_update
 from ssdbench.kernels.mamba2_decode import mamba2_decode_step
@@ -127,18 +127,4 @@ def test_mixer_triton_step_matches_torch_step(poison, hs, batch=2, steps=4, d_mo
     mixer.init_special()
     ref = Mamba2Mixer(d_model, impl="torch", **kw).to(DEVICE).double()
     ref.load_state_dict(mixer.state_dict())
-    prompt = torch.randn(batch, 5, d_model, device=DEVICE)
-    # fp32 on the interpreter: the projections and the norm dominate (measured 2-4e-7); on a GPU
-    # the fp32 projections may run in TF32
-    limit = 2e-6 if not ON_GPU else 2e-3
-    state = mixer.allocate_state(batch, device=DEVICE)
-    state_ref = ref.allocate_state(batch, device=DEVICE, dtype=torch.float64)
-    with torch.no_grad():
-        mixer.prefill(prompt, state)
-        ref.prefill(prompt.double(), state_ref)
-        for t in range(steps):
-            u = torch.randn(batch, d_model, device=DEVICE)
-            y, state = mixer.step(u, state)
-            yr, state_ref = ref.step(u.double(), state_ref)
-            err = rel_err(y, yr)
-            assert err < limit, f"step {t}: relative error {err:.3g} (limit {limit:.3g})"
+    check_mixer_steps(mixer, ref, d_model, batch, steps)
