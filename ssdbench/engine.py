@@ -41,10 +41,10 @@ import torch
 
 from ssdbench.errors import ConfigError, DivergedError
 from ssdbench.lit import MAX_LABELS
+from ssdbench.preflight import CPU_LOOP_ENV, NO_CUDA_GPU
 
 ENGINE_KEY = "ssdbench_engine"  # checkpoint entry: the data position of the engine's loop
 PRECISIONS = {"bf16-mixed": torch.bfloat16, "32-true": None, "32": None}
-CPU_LOOP_ENV = "SSDBENCH_ENGINE_ON_CPU"
 MODEL_KEYS = ("input_ids", "labels", "seq_idx")  # the batch entries a training step reads
 
 
@@ -93,8 +93,7 @@ def decide(choice, trainer, cfg) -> tuple[bool, str | None]:
         return False, "trainer.cuda_graph=false"
     reason = why_not(trainer, cfg)
     if choice is True and reason == "no CUDA GPU":
-        raise ConfigError("trainer.cuda_graph", "true needs a CUDA GPU and this machine has none "
-                          "(use auto or false)")
+        raise ConfigError("trainer.cuda_graph", NO_CUDA_GPU)
     return reason is None, reason
 
 

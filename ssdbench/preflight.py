@@ -9,7 +9,9 @@ config with Hydra's compose API alone, in well under the 2 s a user should wait 
 * a key the config does not list but the component's constructor takes (``task.seq_len`` of
   the MQAR data module): accepted, by rewriting the override to Hydra's ``+key=value``;
 * ``+key=value`` at the top level, which nothing reads: one line;
-* a value whose type differs from the config's (``optim.lr=abc``, ``seed=1.5``): one line.
+* a value whose type differs from the config's (``optim.lr=abc``, ``seed=1.5``): one line;
+* ``trainer.cuda_graph=true`` with a torch built without CUDA: the engine's one line, read from
+  torch's version.py without importing it.
 
 Only the component of a rewritten key is imported (to read its constructor's arguments).
 """
@@ -22,6 +24,10 @@ from ssdbench.errors import ConfigError
 GROUPS = ("model", "task", "trainer", "logger", "experiment", "heads", "hydra/launcher")
 BUDGET_KEYS = ("budget", "budget_cut", "budget_over_paper")
 FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc")
+# The graphed loop without graphs on a CPU, for the tests that compare it with Lightning's loop
+# (read by ssdbench/engine.py; here so that this module need not import the engine)
+CPU_LOOP_ENV = "SSDBENCH_ENGINE_ON_CPU"
+NO_CUDA_GPU = "true needs a CUDA GPU and this machine has none (use auto or false)"
 
 
 def _dotted_keys(node, prefix: str = "") -> list[str]:
@@ -163,9 +169,43 @@ def check(argv: list[str]) -> list[str]:
         raise ConfigError(bare, f"is not a config key{' (+ adds it, but nothing reads it)' if added else ''}"
                                 f"{_nearest(bare, keys)}")
     argv = [rewritten.get(a, a) for a in argv]
+    _check_cuda_graph(values)
     if any(o.key_or_group.lstrip("+~") in BUDGET_KEYS for _, o in values):
         _check_budget([a for a in argv if "=" in a and not a.startswith("-")], first)
     return argv
+
+
+def _check_cuda_graph(values) -> None:
+    """trainer.cuda_graph=true (any value of a sweep) needs CUDA: the run's own check
+    (engine.decide), here so that the error costs torch's import and not Lightning's as well."""
+    import os
+
+    for _, o in values:
+        if o.key_or_group.lstrip("+~") != "trainer.cuda_graph":
+            continue
+        given = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if any(str(v).lower() in ("true", "on") for v in given) and os.environ.get(CPU_LOOP_ENV) != "1" \
+                and _torch_is_cpu_build():
+            raise ConfigError("trainer.cuda_graph", NO_CUDA_GPU)
+
+
+def _torch_is_cpu_build() -> bool:
+    """Whether the installed torch is built without CUDA or ROCm, read from its version.py
+    (``cuda = None``, ``hip = None``) without importing it (1.5-2.5 s on a 2-core machine).
+    A CUDA build on a machine without a GPU is left to the engine's check, after the imports."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+    except OSError:
+        return False
+    values = dict(re.findall(r"^(cuda|hip)\b[^=\n]*=\s*(.+?)\s*$", text, re.M))
+    return values.get("cuda") == "None" and values.get("hip") == "None"
 
 
 def _check_budget(items: list[str], first) -> None:

@@ -59,8 +59,11 @@ def test_good_overrides_pass_and_listed_arguments_need_no_plus(args, expected):
 def test_bad_override_from_the_command_line_is_one_line_exit_2_and_fast(tmp_path):
     """Through the CLI: one line, exit 2, nothing written, before Lightning and the kernels are
     imported (0.4-0.7 s on an idle 2-core machine; the limit leaves room for a loaded one)."""
-    for args in (["optim.lr=abc"], ["seed=abc"], ["nonexistent_key=1"], ["+typo_key=1"], ["task.nope=1"],
-                 ["experiment=mqar_fig8", "budget=2"]):
+    cases = [["optim.lr=abc"], ["seed=abc"], ["nonexistent_key=1"], ["+typo_key=1"], ["task.nope=1"],
+             ["experiment=mqar_fig8", "budget=2"]]
+    if preflight._torch_is_cpu_build():  # (the CPU machines of CI; the engine's own check elsewhere)
+        cases.append(["trainer.cuda_graph=true"])
+    for args in cases:
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "ssdbench.cli", "run", *args, f"results_dir={tmp_path}"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_env())
@@ -69,3 +72,19 @@ def test_bad_override_from_the_command_line_is_one_line_exit_2_and_fast(tmp_path
         assert p.returncode == 2 and len(err) == 1 and err[0].startswith("ssdbench run: invalid config: "), p.stderr
         assert "Traceback" not in p.stderr and not any(tmp_path.iterdir())
         assert took < 4.0, f"{args}: {took:.1f} s"
+
+
+@pytest.mark.parametrize("cuda,hip,cpu", [("None", "None", True), ("'13.0'", "None", False), ("None", "'6.2'", False)])
+def test_torch_build_read_without_importing_it(tmp_path, monkeypatch, cuda, hip, cpu):
+    """trainer.cuda_graph=true is refused before the imports only for a torch built without CUDA
+    and ROCm, as its version.py says (the typed form torch writes, ``cuda: Optional[str] = ...``)."""
+    import importlib.machinery
+    import importlib.util
+
+    pkg = tmp_path / "torch"
+    pkg.mkdir()
+    (pkg / "version.py").write_text(f"__version__ = 'x'\ncuda: Optional[str] = {cuda}\nhip: Optional[str] = {hip}\n")
+    spec = importlib.machinery.ModuleSpec("torch", None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    assert preflight._torch_is_cpu_build() is cpu
