@@ -475,7 +475,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, impl
     position of :func:`causal_conv1d` over the same history.
 
     impl "torch" (default): plain PyTorch, about eight small kernels. "triton": one kernel (the
-    decode steps of both Mamba mixers on the GPU); it takes the (batch, D, W-1) state with a unit
+    decode steps of both Mamba mixers on the GPU); "auto": the kernel on CUDA. The kernel takes the (batch, D, W-1) state with a unit
     last stride, and x with any row stride (a slice of a projection) and a unit column stride.
     """
     if x.dim() != 2:
@@ -489,6 +489,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, impl
         raise ValueError(f"conv_state: expected (batch, D, {W - 1}) or (batch, D, {W}), got {tuple(conv_state.shape)}")
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+    if impl == "auto":  # as causal_conv1d's auto: the kernel on CUDA (for the state it takes)
+        impl = "triton" if x.is_cuda and conv_state.shape[2] == W - 1 and x.dtype != torch.float64 else "torch"
     if impl == "triton":
         if conv_state.shape[2] != W - 1 or conv_state.stride(2) != 1 or x.stride(1) != 1:
             raise ValueError(f"conv_state: the Triton step takes (batch, D, {W - 1}) with unit last strides "
@@ -503,7 +505,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, impl
             W=W, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK=BLOCK)
         return out
     if impl != "torch":
-        raise ValueError(f"impl: expected 'torch' or 'triton', got {impl!r}")
+        raise ValueError(f"impl: expected 'torch', 'triton' or 'auto', got {impl!r}")
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     window = torch.cat([conv_state[:, :, conv_state.shape[2] - (W - 1):].to(cdt), x.to(cdt)[:, :, None]], dim=-1)  # (batch, D, W)
     out = (window * weight.to(cdt)).sum(-1)  # (batch, D)

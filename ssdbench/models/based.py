@@ -345,7 +345,8 @@ class BaseConv(nn.Module):
 
     def step(self, x_t: torch.Tensor, state):
         u1, u2 = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner) each
-        c = causal_conv1d_update(u1, state, self.conv1d.weight[:, 0], self.conv1d.bias)  # (batch, d_inner)
+        c = causal_conv1d_update(u1, state, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                 impl="torch" if self.impl == "torch" else "auto")  # (batch, d_inner)
         return self.out_proj(c * u2), state
 
     def state_size(self) -> int:
