@@ -184,13 +184,17 @@ def add_ratios(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, size): the largest batch that fit, the best batch (highest decode
-    tokens/s), its tokens/s and the ratio to Transformer++'s best at the same size."""
+    """One row per (model, size): the largest batch that fit and what stopped the sweep there
+    (out of memory, or the sweep's last batch: then a larger batch may do better), the best
+    batch (highest decode tokens/s), its tokens/s and the ratio to Transformer++'s best at the
+    same size."""
     ok = df[df.status == "ok"]
     rows = []
     for (size, arch), g in ok.groupby(["size", "model"], sort=False):
         best = g.loc[g.decode_tok_s.idxmax()]
+        oom = ((df.model == arch) & (df["size"] == size) & (df.status == "OOM")).any()
         rows.append(dict(model=arch, size=size, params_m=best.params_m, max_batch=int(g.batch.max()),
+                         stopped_by="out of memory" if oom else "--max-batch",
                          best_batch=int(best.batch), best_decode_tok_s=best.decode_tok_s,
                          step_ms_at_best=best.step_ms, peak_mem_gb_at_best=best.peak_mem_gb))
     out = pd.DataFrame(rows)

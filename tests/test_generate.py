@@ -470,6 +470,7 @@ def test_bench_generate_sweep_stops_at_oom_and_reports_ratios(tmp_path):
     s = bg.summarize(df).set_index("model")
     assert s.loc["transformerpp", "best_batch"] == 4 and s.loc["transformerpp", "max_batch"] == 4
     assert s.loc["mamba2", "best_batch"] == 8 and s.loc["mamba2", "max_batch"] == 16
+    assert s.loc["transformerpp", "stopped_by"] == "out of memory" and s.loc["mamba2", "stopped_by"] == "--max-batch"
     assert s.loc["mamba2", "best_vs_tpp_best"] == pytest.approx(1200.0 / 400.0)
     bg.plot(df, tmp_path / "throughput.png")
     assert (tmp_path / "throughput.png").stat().st_size > 0
