@@ -76,13 +76,8 @@ def mamba2_decode_step(xBC: torch.Tensor, dt: torch.Tensor, conv_state: torch.Te
     """
     batch, conv_dim = xBC.shape
     H, P, N = dims.H, dims.P, dims.N
-    w = conv_weight[:, 0] if conv_weight.dim() == 3 else conv_weight  # (conv_dim, W)
-    W = w.shape[1]
-    if conv_dim != dims.conv_dim or w.shape[0] != conv_dim or not 2 <= W <= 4:
-        raise ValueError(f"xBC {tuple(xBC.shape)} / conv weight {tuple(conv_weight.shape)} do not match {dims}")
-    if conv_state.shape != (batch, conv_dim, W - 1) or conv_state.stride(2) != 1:
-        raise ValueError(f"conv_state: expected (batch, {conv_dim}, {W - 1}) with a unit last stride, "
-                         f"got {tuple(conv_state.shape)}")
+    if conv_dim != dims.conv_dim:
+        raise ValueError(f"xBC: expected (batch, {dims.conv_dim}) for {dims}, got {tuple(xBC.shape)}")
     if ssm_state.shape != (batch, H, P, N) or ssm_state.dtype != torch.float32 or ssm_state.stride(3) != 1:
         raise ValueError(f"ssm_state: expected float32 (batch, {H}, {P}, {N}), got {ssm_state.dtype} "
                          f"{tuple(ssm_state.shape)}")
@@ -90,7 +85,8 @@ def mamba2_decode_step(xBC: torch.Tensor, dt: torch.Tensor, conv_state: torch.Te
         raise ValueError(f"dt: expected (batch, {H}) and unit column strides, got {tuple(dt.shape)}")
     if D is not None and D.shape != (H,):
         raise ValueError(f"D: expected ({H},), got {tuple(D.shape)}")
-    xa = causal_conv1d_update(xBC, conv_state, w, conv_bias, activation="silu", impl="triton")  # (batch, conv_dim)
+    # (the conv's weight and state are checked there)
+    xa = causal_conv1d_update(xBC, conv_state, conv_weight, conv_bias, activation="silu", impl="triton")  # (batch, conv_dim)
     y = torch.empty(batch, H * P, device=xBC.device, dtype=xBC.dtype)  # (batch, H * P)
     BLOCK_N = triton.next_power_of_2(N)
     # P rows per program: enough programs to fill the GPU at batch 1 (H * P / 16 of them), a tile

@@ -223,6 +223,15 @@ def record_fields(cfg: DictConfig, tokens_seen: int | None = None) -> dict | Non
 
 # ----------------------------------------------------------------------------- tables, figures
 
+def _tokens_of_paper(df):
+    """tokens_seen / the paper's tokens per record (NaN where either is missing)."""
+    import pandas as pd
+
+    if "tokens_seen" not in df.columns or "budget.paper.tokens" not in df.columns:
+        return pd.Series(float("nan"), index=df.index)
+    return pd.to_numeric(df["tokens_seen"], errors="coerce") / pd.to_numeric(df["budget.paper.tokens"], errors="coerce")
+
+
 def add_table_columns(df):
     """Records as a table (pandas, flattened): a ``budget`` column (the steps run as a fraction
     of the paper's, e.g. "1/8 of 8,192 steps") and ``tokens_of_paper`` (tokens trained over
@@ -237,8 +246,7 @@ def add_table_columns(df):
     df["budget"] = [f"{label(Fraction(f).limit_denominator(100000))} of {int(s):,} steps"
                     if pd.notna(f) and pd.notna(s) else "-" for f, s in zip(frac, steps)]
     if "tokens_seen" in df.columns:
-        seen = pd.to_numeric(df["tokens_seen"], errors="coerce")
-        df["tokens_of_paper"] = seen / pd.to_numeric(df["budget.paper.tokens"], errors="coerce")
+        df["tokens_of_paper"] = _tokens_of_paper(df)
     return df
 
 
@@ -252,10 +260,7 @@ def run_labels(df):
     if "budget.steps_fraction" not in df.columns:
         return pd.Series([None] * len(df), index=df.index, dtype=object)
     frac = pd.to_numeric(df["budget.steps_fraction"], errors="coerce")
-    tok = pd.Series(float("nan"), index=df.index)
-    if "tokens_seen" in df.columns and "budget.paper.tokens" in df.columns:
-        tok = pd.to_numeric(df["tokens_seen"], errors="coerce") / \
-            pd.to_numeric(df["budget.paper.tokens"], errors="coerce")
+    tok = _tokens_of_paper(df)
     out = []
     for f, t in zip(frac, tok):
         if pd.isna(f):
@@ -281,11 +286,7 @@ def figure_note(df) -> str | None:
         return None
     # tokens over the paper's: differs from the steps' fraction when the batch was changed
     # (Figure 8 with all 8,192 steps at batch 128 is 1/8 of the paper's tokens)
-    tfracs = []
-    if "tokens_seen" in df.columns and "budget.paper.tokens" in df.columns:
-        tok = pd.to_numeric(df["tokens_seen"], errors="coerce") / \
-            pd.to_numeric(df["budget.paper.tokens"], errors="coerce")
-        tfracs = sorted({Fraction(t).limit_denominator(1000) for t in tok.dropna() if t > 0})
+    tfracs = sorted({Fraction(t).limit_denominator(1000) for t in _tokens_of_paper(df).dropna() if t > 0})
     if fracs == [1] and tfracs in ([], [1]):
         note = "the paper's full training budget"
     else:

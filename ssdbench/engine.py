@@ -41,20 +41,11 @@ import torch
 
 from ssdbench.errors import ConfigError, DivergedError
 from ssdbench.lit import MAX_LABELS
-from ssdbench.preflight import CPU_LOOP_ENV, NO_CUDA_GPU
+from ssdbench.preflight import CPU_LOOP_ENV, NO_CUDA_GPU, parse_cuda_graph
 
 ENGINE_KEY = "ssdbench_engine"  # checkpoint entry: the data position of the engine's loop
 PRECISIONS = {"bf16-mixed": torch.bfloat16, "32-true": None, "32": None}
 MODEL_KEYS = ("input_ids", "labels", "seq_idx")  # the batch entries a training step reads
-
-
-def parse_choice(value) -> str | bool:
-    """trainer.cuda_graph as given on the command line or in YAML: auto, true or false."""
-    if isinstance(value, str):
-        value = {"true": True, "on": True, "false": False, "off": False, "auto": "auto"}.get(value.lower(), value)
-    if value is True or value is False or value == "auto":
-        return value
-    raise ConfigError("trainer.cuda_graph", f"must be auto, true or false, got {value!r}")
 
 
 def why_not(trainer, cfg) -> str | None:
@@ -88,7 +79,7 @@ def unsupported(trainer) -> str | None:
 def decide(choice, trainer, cfg) -> tuple[bool, str | None]:
     """(use the graphed loop, the reason when not). ``true`` without CUDA is a config error;
     ``true`` on a configuration graphs cannot serve falls back with the reason, never a crash."""
-    choice = parse_choice(choice)
+    choice = parse_cuda_graph(choice)
     if choice is False:
         return False, "trainer.cuda_graph=false"
     reason = why_not(trainer, cfg)

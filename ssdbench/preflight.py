@@ -175,6 +175,15 @@ def check(argv: list[str]) -> list[str]:
     return argv
 
 
+def parse_cuda_graph(value) -> str | bool:
+    """trainer.cuda_graph as given on the command line or in YAML: auto, true or false."""
+    if isinstance(value, str):
+        value = {"true": True, "on": True, "false": False, "off": False, "auto": "auto"}.get(value.lower(), value)
+    if value is True or value is False or value == "auto":
+        return value
+    raise ConfigError("trainer.cuda_graph", f"must be auto, true or false, got {value!r}")
+
+
 def _check_cuda_graph(values) -> None:
     """trainer.cuda_graph=true (any value of a sweep) needs CUDA: the run's own check
     (engine.decide), here so that the error costs torch's import and not Lightning's as well."""
@@ -184,7 +193,7 @@ def _check_cuda_graph(values) -> None:
         if o.key_or_group.lstrip("+~") != "trainer.cuda_graph":
             continue
         given = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        if any(str(v).lower() in ("true", "on") for v in given) and os.environ.get(CPU_LOOP_ENV) != "1" \
+        if any(parse_cuda_graph(v) is True for v in given) and os.environ.get(CPU_LOOP_ENV) != "1" \
                 and _torch_is_cpu_build():
             raise ConfigError("trainer.cuda_graph", NO_CUDA_GPU)
 

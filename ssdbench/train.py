@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ssdbench import engine
+from ssdbench import engine, preflight
 from ssdbench import record as rec
 import ssdbench.budget  # the budget knob's checks, record fields and config resolvers
 from ssdbench.errors import ConfigError, DivergedError
@@ -544,7 +544,7 @@ def train(cfg: DictConfig, previous: dict | None = None, fresh: bool = False) ->
     # an argument of lightning.Trainer
     trainer_node = cfg.trainer.copy()
     with open_dict(trainer_node):
-        graph_choice = engine.parse_choice(trainer_node.pop("cuda_graph", "auto"))
+        graph_choice = preflight.parse_cuda_graph(trainer_node.pop("cuda_graph", "auto"))
         trainer_node.pop("gather_labels", None)
     if graph_choice is True and not torch.cuda.is_available():
         engine.decide(True, None, cfg)  # the one-line error, before anything is built

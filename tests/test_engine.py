@@ -18,7 +18,7 @@ import pytest
 from conftest import ON_GPU
 from test_cli import TINY, _env, ssdbench
 
-from ssdbench import engine
+from ssdbench import engine, preflight
 from ssdbench.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -57,9 +57,9 @@ def curve(run_dir: Path, version: int = 0) -> pd.DataFrame:
 def test_parse_choice(value, ok):
     if ok is None:
         with pytest.raises(ConfigError, match="trainer.cuda_graph"):
-            engine.parse_choice(value)
+            preflight.parse_cuda_graph(value)
     else:
-        assert engine.parse_choice(value) == ok
+        assert preflight.parse_cuda_graph(value) == ok
 
 
 @cpu_only

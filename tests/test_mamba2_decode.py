@@ -113,7 +113,7 @@ def test_decode_step_rejects_bad_shapes():
     for key, bad, match in [("ssm_state", torch.zeros(2, 2, 16, 16, dtype=torch.float64), "ssm_state"),
                             ("conv_state", torch.zeros(2, cd, 4), "conv_state"),
                             ("dt", torch.randn(2, 3), "dt"),
-                            ("conv_weight", torch.randn(cd, 1, 5), "conv weight"),
+                            ("conv_weight", torch.randn(cd, 1, 5), "weight"),
                             ("D", torch.ones(2, 16), "D")]:
         with pytest.raises(ValueError, match=match):
             mamba2_decode_step(**{**ok, key: bad})
