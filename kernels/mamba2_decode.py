@@ -27,6 +27,8 @@ from .causal_conv1d import causal_conv1d_update
 from .mamba2_fused import Dims
 from .triton_util import softplus
 
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @triton.jit
 def _ssd_step(xbc_ptr, dt_ptr, state_ptr, alog_ptr, d_ptr, dtb_ptr, y_ptr,
@@ -52,9 +54,9 @@ def _ssd_step(xbc_ptr, dt_ptr, state_ptr, alog_ptr, d_ptr, dtb_ptr, y_ptr,
     Cv = tl.load(row + C_OFF + (h // H_PER_C) * N + n, mask=mn, other=0.0).to(tl.float32)  # (BLOCK_N,)
     sp = state_ptr + b * stride_sb + h * stride_sh + p[:, None] * stride_sp + n[None, :]  # (BLOCK_P, BLOCK_N)
     m2 = mp[:, None] & mn[None, :]
-    s = tl.load(sp, mask=m2, other=0.0)  # (BLOCK_P, BLOCK_N) float32
+    s = tl.load(sp, mask=m2, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N), stored in any float dtype
     s = a * s + (dt * x)[:, None] * Bv[None, :]
-    tl.store(sp, s, mask=m2)
+    tl.store(sp, s.to(state_ptr.dtype.element_ty), mask=m2)  # y below reads the unrounded update
     y = tl.sum(s * Cv[None, :], axis=1)  # (BLOCK_P,)
     if HAS_D:
         y += tl.load(d_ptr + h).to(tl.float32) * x
@@ -69,7 +71,9 @@ def mamba2_decode_step(xBC: torch.Tensor, dt: torch.Tensor, conv_state: torch.Te
 
     xBC (batch, conv_dim) and dt (batch, H): slices of in_proj's output (any row stride, unit
     column stride), before the conv and before dt's bias and softplus. conv_state (batch,
-    conv_dim, W-1), oldest input first, and ssm_state (batch, H, P, N) float32 advance in place.
+    conv_dim, W-1), oldest input first, and ssm_state (batch, H, P, N) advance in place; the
+    state is updated in fp32 and stored in its own dtype (float32, or bfloat16/float16 to halve
+    its memory traffic at large batch, as mamba_ssm's inference cache keeps it).
     conv_weight (conv_dim, 1, W) or (conv_dim, W), W in 2..4; A_log, D, dt_bias (H,).
     Returns y (batch, H * P) = the SSD output plus D x, in xBC's dtype (the gate is the norm's).
     Equals ``causal_conv1d_update(..., activation="silu")`` then ``ssd_step(..., dt_softplus=True)``.
@@ -78,8 +82,8 @@ def mamba2_decode_step(xBC: torch.Tensor, dt: torch.Tensor, conv_state: torch.Te
     H, P, N = dims.H, dims.P, dims.N
     if conv_dim != dims.conv_dim:
         raise ValueError(f"xBC: expected (batch, {dims.conv_dim}) for {dims}, got {tuple(xBC.shape)}")
-    if ssm_state.shape != (batch, H, P, N) or ssm_state.dtype != torch.float32 or ssm_state.stride(3) != 1:
-        raise ValueError(f"ssm_state: expected float32 (batch, {H}, {P}, {N}), got {ssm_state.dtype} "
+    if ssm_state.shape != (batch, H, P, N) or ssm_state.dtype not in STATE_DTYPES or ssm_state.stride(3) != 1:
+        raise ValueError(f"ssm_state: expected float32/bfloat16/float16 (batch, {H}, {P}, {N}), got {ssm_state.dtype} "
                          f"{tuple(ssm_state.shape)}")
     if dt.shape != (batch, H) or xBC.stride(1) != 1 or dt.stride(1) != 1:
         raise ValueError(f"dt: expected (batch, {H}) and unit column strides, got {tuple(dt.shape)}")

@@ -98,16 +98,17 @@ def _sync(device) -> None:
 
 @torch.no_grad()
 def measure(model, batch: int, prompt_len: int, gen_len: int, repeats: int = 3, cuda_graph: bool = True,
-            prefill_rows: int | None = None) -> dict:
+            prefill_rows: int | None = None, ssm_dtype: torch.dtype | None = None) -> dict:
     """Prefill and decode times (median of ``repeats`` after one untimed run) of one batch of
-    random prompts; runs anywhere (the CPU for the tests), peak memory on CUDA only."""
+    random prompts; runs anywhere (the CPU for the tests), peak memory on CUDA only.
+    ``ssm_dtype``: the SSM state's dtype (None: float32)."""
     from ssdbench.generate import Decoder, _leaves
 
     device = model.embedding.weight.device
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    decoder = Decoder(model, batch, prompt_len + gen_len)
+    decoder = Decoder(model, batch, prompt_len + gen_len, ssm_dtype=ssm_dtype)
     state_mb = sum(t.numel() * t.element_size() for t in _leaves(decoder.state)) / 1e6
     prompt = torch.randint(0, model.vocab_size, (batch, prompt_len), device=device)  # (batch, prompt_len)
     decoder.prefill(prompt, prefill_rows)  # eager first: a batch too large fails here, before any capture
@@ -239,6 +240,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="the weights' dtype")
+    ap.add_argument("--ssm-state", default="fp32", choices=["fp32", "weights"],
+                    help="Mamba-1/2's recurrent state: fp32, or the weights' dtype (mamba_ssm's inference "
+                         "cache; half the state's memory traffic at large batch)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per batch (median)")
     ap.add_argument("--prefill-rows", type=int, default=8,
                     help="rows prefilled at a time (0: the whole batch at once)")
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def measure_fn(m, batch):
                 return measure(m, batch, args.prompt_len, args.gen_len, args.repeats, args.cuda_graph == "on",
-                               args.prefill_rows or None)
+                               args.prefill_rows or None, dtype if args.ssm_state == "weights" else None)
 
             print(f"{arch} {size}: {model.num_params() / 1e6:.0f}M parameters, weight floor {floor_ms:.3f} ms a step")
             rows.extend(sweep(model, arch, size, batches, measure_fn, floor_ms))
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_report.print_table(summary, "best batch of each model")
     header = (f"Prompt {args.prompt_len} tokens, {args.gen_len} generated, random weights in {args.dtype}, "
               f"decode step {'replayed from a CUDA graph' if args.cuda_graph == 'on' else 'eager'}, prefill "
-              f"{args.prefill_rows or 'all'} rows at a time; measured copy bandwidth {gbs:.0f} GB/s "
+              f"{args.prefill_rows or 'all'} rows at a time, SSM state in "
+              f"{args.dtype if args.ssm_state == 'weights' else 'fp32'}; measured copy bandwidth {gbs:.0f} GB/s "
               f"(floor_ms = weight bytes / bandwidth).\n\n")
     bench_report.write(df, args.out, "bench_generate", "ssdbench.bench_generate", argv, header=header)
     bench_report.write(summary, args.out, "bench_generate_summary", "ssdbench.bench_generate", argv, header=header)

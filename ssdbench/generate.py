@@ -193,11 +193,13 @@ class Decoder:
     large for the prefill fails before any capture).
     """
 
-    def __init__(self, model: LanguageModel, batch: int, max_seqlen: int, cuda_graph: bool = False):
+    def __init__(self, model: LanguageModel, batch: int, max_seqlen: int, cuda_graph: bool = False,
+                 ssm_dtype: torch.dtype | None = None):
         weight = model.embedding.weight
         self.model, self.batch, self.max_seqlen = model, batch, max_seqlen
         self.device = weight.device
-        self.state = model.allocate_state(batch, weight.device, weight.dtype, max_seqlen=max_seqlen)
+        self.state = model.allocate_state(batch, weight.device, weight.dtype, max_seqlen=max_seqlen,
+                                          ssm_dtype=ssm_dtype)  # (ssm_dtype: see LanguageModel.allocate_state)
         self.ids = torch.zeros(batch, dtype=torch.long, device=weight.device)  # (batch,) the step's input
         self.graph = None
         self.logits = None

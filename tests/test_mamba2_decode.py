@@ -82,6 +82,37 @@ def test_decode_step_matches_reference(poison, dtype, hs, W, N, P, steps=3, batc
         assert torch.equal(conv_state, conv_ref.to(dtype)), f"step {t}: conv state differs"
 
 
+# A state stored in half precision (the bench's --ssm-state weights, mamba_ssm's inference cache):
+# the kernel updates it in fp32 and rounds once per step; the float64 reference rounds the same
+# update. They may round one entry to neighbouring half values (fp32 against fp64 near a midpoint),
+# one ulp: 2^-11 (fp16) / 2^-8 (bf16) of that entry; measured 0 (fp16, interpreter, 3 steps) over the
+# state's norm. Ten times that, and far below the half ulp a wrong rounding of every entry gives.
+STATE_TOL = {torch.float16: 3e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_decode_step_half_precision_state(poison, state_dtype, steps=3, batch=3):
+    Hx, Gb, Gc, H, N, P, W = 2, 1, 1, 4, 16, 16, 4
+    dims = Dims(H * P, Hx, P, Gb, Gc, N, H)
+    cd = dims.conv_dim
+    w, bias = torch.randn(cd, 1, W, device=DEVICE) * 0.5, torch.randn(cd, device=DEVICE) * 0.1
+    A_log, D = torch.rand(H, device=DEVICE) * 2 - 1, torch.rand(H, device=DEVICE) + 0.5
+    dt_bias = torch.rand(H, device=DEVICE) * 3 - 5
+    conv_state = torch.randn(batch, cd, W - 1, device=DEVICE)
+    ssm_state = torch.randn(batch, H, P, N, device=DEVICE).to(state_dtype)
+    conv_ref, ssm_ref = conv_state.double(), ssm_state.double()
+    for t in range(steps):
+        xBC, dt = torch.randn(batch, cd, device=DEVICE), torch.randn(batch, H, device=DEVICE)
+        y = mamba2_decode_step(xBC, dt, conv_state, w, bias, ssm_state, A_log, D, dt_bias, dims)
+        yr = reference(xBC, dt, conv_ref, w, bias, ssm_ref, A_log, D, dt_bias, dims, (0.0, float("inf")))
+        ssm_ref.copy_(ssm_ref.to(state_dtype))  # the stored state is rounded; y used the unrounded update
+        assert ssm_state.dtype == state_dtype
+        err = rel_err(y, yr)
+        assert err < TOL[torch.float32][0], f"step {t}: output relative error {err:.3g}"
+        err = rel_err(ssm_state, ssm_ref)
+        assert err < STATE_TOL[state_dtype], f"step {t}: ssm state relative error {err:.3g}"
+
+
 def test_decode_step_dt_limit_and_no_bias(poison):
     """dt's clamp and a conv without bias, D or dt_bias (optional inputs of the launcher)."""
     dims = Dims(32, 2, 16, 1, 1, 16, 2)
@@ -111,6 +142,8 @@ def test_decode_step_rejects_bad_shapes():
               conv_weight=torch.randn(cd, 1, 4), conv_bias=None, ssm_state=torch.zeros(2, 2, 16, 16),
               A_log=torch.zeros(2), D=None, dt_bias=None, dims=dims)
     for key, bad, match in [("ssm_state", torch.zeros(2, 2, 16, 16, dtype=torch.float64), "ssm_state"),
+                            ("ssm_state", torch.zeros(2, 2, 16, 16)[..., ::2].repeat_interleave(2, -1)
+                             .transpose(2, 3), "ssm_state"),
                             ("conv_state", torch.zeros(2, cd, 4), "conv_state"),
                             ("dt", torch.randn(2, 3), "dt"),
                             ("conv_weight", torch.randn(cd, 1, 5), "weight"),

@@ -12,6 +12,16 @@ def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
+def ssm_state_dtype(dtype: torch.dtype, ssm_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The recurrent SSM state's dtype for a model in ``dtype``: ``ssm_dtype`` when given, else
+    float32 (float64 for a float64 model), the precision the training scan accumulates in."""
+    if ssm_dtype is None:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+    if ssm_dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"ssm state dtype: expected a float dtype, got {ssm_dtype}")
+    return ssm_dtype
+
+
 def store_conv_state(conv_state: torch.Tensor, x: torch.Tensor) -> None:
     """Prefill of a causal conv's decoding state: conv_state (batch, D, W-1) takes the last W-1
     inputs of x (batch, L, D) (channel-last, before the conv), oldest first, and zeros where

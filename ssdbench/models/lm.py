@@ -264,16 +264,20 @@ class LanguageModel(nn.Module):
                                ignore_index=ignore_index)
 
     # ---- recurrent decoding -------------------------------------------------------------
-    def allocate_state(self, batch: int, device=None, dtype=torch.float32, max_seqlen: int | None = None) -> list:
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32, max_seqlen: int | None = None,
+                       ssm_dtype: torch.dtype | None = None) -> list:
         """Per-layer recurrent states for ``step`` (mixers must implement allocate_state/step).
 
         ``max_seqlen``: the most tokens (prompt + generated) the state must hold, passed to the
-        mixers whose state grows with the sequence (those whose allocate_state takes it)."""
+        mixers whose state grows with the sequence (those whose allocate_state takes it).
+        ``ssm_dtype``: the SSM mixers' state dtype (None: float32, float64 for float64 models),
+        passed to the mixers whose allocate_state takes it (Mamba-1 and Mamba-2)."""
         states = []
         for layer in self.layers:
             params = inspect.signature(layer.mixer.allocate_state).parameters
-            takes = "max_seqlen" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-            kwargs = {"max_seqlen": max_seqlen} if max_seqlen is not None and takes else {}
+            anykw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+            kwargs = {k: v for k, v in (("max_seqlen", max_seqlen), ("ssm_dtype", ssm_dtype))
+                      if v is not None and (k in params or anykw)}
             states.append(layer.mixer.allocate_state(batch, device, dtype, **kwargs))
         return states
 

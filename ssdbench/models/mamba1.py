@@ -38,7 +38,7 @@ from torch import nn
 from ssdbench.errors import require, require_positive_int
 from ssdbench.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from ssdbench.kernels.selective_scan import MAX_N, selective_scan, selective_scan_ref, selective_state_update
-from ssdbench.models.layers import store_conv_state
+from ssdbench.models.layers import ssm_state_dtype, store_conv_state
 from ssdbench.models.lm import LanguageModel
 
 IMPLS = ("auto", "triton", "torch")
@@ -160,11 +160,11 @@ class Mamba1Mixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))  # (batch, L, d_model)
 
     # ---- decoding ----------------------------------------------------------------------------
-    def allocate_state(self, batch: int, device=None, dtype=torch.float32):
-        """(conv_state (batch, D, W-1) in dtype, ssm_state (batch, D, N) fp32, fp64 for fp64)."""
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32, ssm_dtype: torch.dtype | None = None):
+        """(conv_state (batch, D, W-1) in dtype, ssm_state (batch, D, N) in ssm_dtype: None gives
+        fp32, fp64 for fp64)."""
         conv_state = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype)
-        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        ssm_state = torch.zeros(batch, self.d_inner, self.N, device=device, dtype=ssm_dtype)
+        ssm_state = torch.zeros(batch, self.d_inner, self.N, device=device, dtype=ssm_state_dtype(dtype, ssm_dtype))
         return conv_state, ssm_state
 
     def prefill(self, u: torch.Tensor, state):

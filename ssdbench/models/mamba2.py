@@ -36,7 +36,7 @@ from ssdbench.kernels.gated_rmsnorm import gated_rms_norm_ref
 from ssdbench.kernels.mamba2_decode import mamba2_decode_step
 from ssdbench.kernels.mamba2_fused import Dims, mamba2_inner
 from ssdbench.kernels.ssd import ssd_chunked, ssd_chunked_ref, ssd_step, use_triton
-from ssdbench.models.layers import GatedRMSNorm, store_conv_state
+from ssdbench.models.layers import GatedRMSNorm, ssm_state_dtype, store_conv_state
 from ssdbench.models.lm import LanguageModel
 
 HEAD_STRUCTURES = ("mva", "mqa", "mka", "mha", "gva")
@@ -136,10 +136,11 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     # ---- decoding ----------------------------------------------------------------------------
-    def allocate_state(self, batch: int, device=None, dtype=torch.float32):
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32, ssm_dtype: torch.dtype | None = None):
+        """(conv_state (batch, conv_dim, W-1) in dtype, ssm_state (batch, H, P, N) in ssm_dtype:
+        None gives float32 (float64 for float64); a half dtype halves the state's memory traffic)."""
         conv_state = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
-        ssm_state = torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=torch.float32
-                                if dtype != torch.float64 else dtype)
+        ssm_state = torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=ssm_state_dtype(dtype, ssm_dtype))
         return conv_state, ssm_state
 
     def prefill(self, u: torch.Tensor, state):
