@@ -84,10 +84,11 @@ def test_decode_step_matches_reference(poison, dtype, hs, W, N, P, steps=3, batc
 
 # A state stored in half precision (the bench's --ssm-state weights, mamba_ssm's inference cache):
 # the kernel updates it in fp32 and rounds once per step; the float64 reference rounds the same
-# update. They may round one entry to neighbouring half values (fp32 against fp64 near a midpoint),
-# one ulp: 2^-11 (fp16) / 2^-8 (bf16) of that entry; measured 0 (fp16, interpreter, 3 steps) over the
-# state's norm. Ten times that, and far below the half ulp a wrong rounding of every entry gives.
-STATE_TOL = {torch.float16: 3e-4, torch.bfloat16: 2e-3}
+# update. They may round an entry to neighbouring half values (fp32 against fp64 near a midpoint,
+# one ulp: 2^-11 relative in fp16, 2^-8 in bf16), and the next step's output reads that entry.
+# Measured over 60 seeds (fp16, interpreter, 3 steps): output up to 2.4e-5, state up to 4.6e-5
+# (over their norms). Limits (output, state) about 8x that, far below a half ulp on every entry.
+STATE_TOL = {torch.float16: (2e-4, 3e-4), torch.bfloat16: (2e-3, 3e-3)}
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
@@ -107,10 +108,11 @@ def test_decode_step_half_precision_state(poison, state_dtype, steps=3, batch=3)
         yr = reference(xBC, dt, conv_ref, w, bias, ssm_ref, A_log, D, dt_bias, dims, (0.0, float("inf")))
         ssm_ref.copy_(ssm_ref.to(state_dtype))  # the stored state is rounded; y used the unrounded update
         assert ssm_state.dtype == state_dtype
+        tol_y, tol_s = STATE_TOL[state_dtype]
         err = rel_err(y, yr)
-        assert err < TOL[torch.float32][0], f"step {t}: output relative error {err:.3g}"
+        assert err < tol_y, f"step {t}: output relative error {err:.3g} (limit {tol_y:.3g})"
         err = rel_err(ssm_state, ssm_ref)
-        assert err < STATE_TOL[state_dtype], f"step {t}: ssm state relative error {err:.3g}"
+        assert err < tol_s, f"step {t}: ssm state relative error {err:.3g} (limit {tol_s:.3g})"
 
 
 def test_decode_step_dt_limit_and_no_bias(poison):
