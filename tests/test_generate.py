@@ -150,9 +150,9 @@ def test_decoder_restarts_cleanly(name):
     torch.testing.assert_close(used.step(b[:, 0]), fresh.step(b[:, 0]), msg=with_seed(seed))
 
 
-# logits' relative error, about 10x the measured: mamba2 2.7e-6 .. 4.9e-6, mamba1 1.4e-8 .. 2.9e-8
-# (its tiny model's state moves the logits less) over 4 steps
-@pytest.mark.parametrize("name,limit", [("mamba2", 5e-5), ("mamba1", 3e-7)])
+# logits' relative error, the largest of 4 steps, about 10x the largest over 40 seeds: mamba2
+# 1.3e-6 .. 7.0e-6, mamba1 8.9e-9 .. 8.6e-8 (its tiny model's state moves the logits less)
+@pytest.mark.parametrize("name,limit", [("mamba2", 7e-5), ("mamba1", 8e-7)])
 def test_half_precision_ssm_state(name, limit, steps=4):
     """Decoder(ssm_dtype=...) keeps the SSM mixers' states in that dtype (the bench's
     --ssm-state weights): prefill and steps write it, and the steps' logits move from the
@@ -165,10 +165,12 @@ def test_half_precision_ssm_state(name, limit, steps=4):
     assert all(t.dtype == torch.float16 for t in ssm) and all(t.dtype == torch.float64 for t in half.state[0][:1])
     torch.testing.assert_close(half.prefill(prompt), full.prefill(prompt), msg=with_seed(seed))  # the parallel path
     assert any(t.any() for t in ssm), "prefill did not write the half-precision state"
+    errs = []
     for i in range(steps):  # each step reads the rounded state
         a, b = half.step(prompt[:, i]), full.step(prompt[:, i])
-        err = float((a - b).norm() / b.norm())
-        assert 0 < err < limit, f"seed={seed}: step {i}: logits relative error {err:.3g} (limit {limit:.3g})"
+        errs.append(float((a - b).norm() / b.norm()))
+    # (one step's logits may match exactly: seed 1721969931 gives 0 at Mamba-1's third step)
+    assert 0 < max(errs) < limit, f"seed={seed}: logits relative errors {errs} (limit {limit:.3g})"
 
 
 @pytest.mark.parametrize("name", ["transformerpp", "mamba1", "based-chain"])
