@@ -141,9 +141,11 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def sweep(model, arch: str, size: str, batches: list[int], measure_fn, floor_ms: float | None = None) -> list[dict]:
+def sweep(model, arch: str, size: str, batches: list[int], measure_fn, floor_ms: float | None = None,
+          on_row=None) -> list[dict]:
     """Rows for batch in ``batches`` until one does not fit ("OOM", then the sweep stops) or
-    fails (its error in ``status``; the sweep goes on)."""
+    fails (its error in ``status``; the sweep goes on). ``on_row(row)`` is called after each
+    (the benchmark writes its tables there, so a run stopped by a time limit keeps its rows)."""
     rows = []
     params_m = model.num_params() / 1e6
     for batch in batches:
@@ -165,6 +167,8 @@ def sweep(model, arch: str, size: str, batches: list[int], measure_fn, floor_ms:
         rows.append(row)
         print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
+        if on_row is not None:
+            on_row(row)
         if row["status"] == "OOM":
             break
     return rows
@@ -184,9 +188,10 @@ def add_ratios(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, unfinished: set | None = None) -> pd.DataFrame:
     """One row per (model, size): the largest batch that fit and what stopped the sweep there
-    (out of memory, or the sweep's last batch: then a larger batch may do better), the best
+    (out of memory; the sweep's last batch: then a larger batch may do better; or "unfinished"
+    for the (model, size) pairs in ``unfinished``, still running when the table was written), the best
     batch (highest decode tokens/s), its tokens/s and the ratio to Transformer++'s best at the
     same size."""
     ok = df[df.status == "ok"]
@@ -194,8 +199,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     for (size, arch), g in ok.groupby(["size", "model"], sort=False):
         best = g.loc[g.decode_tok_s.idxmax()]
         oom = ((df.model == arch) & (df["size"] == size) & (df.status == "OOM")).any()
+        stopped_by = ("out of memory" if oom else
+                      "unfinished" if unfinished and (arch, size) in unfinished else "--max-batch")
         rows.append(dict(model=arch, size=size, params_m=best.params_m, max_batch=int(g.batch.max()),
-                         stopped_by="out of memory" if oom else "--max-batch",
+                         stopped_by=stopped_by,
                          best_batch=int(best.batch), best_decode_tok_s=best.decode_tok_s,
                          step_ms_at_best=best.step_ms, peak_mem_gb_at_best=best.peak_mem_gb))
     out = pd.DataFrame(rows)
@@ -266,7 +273,22 @@ def main(argv: list[str] | None = None) -> int:
     gbs = copy_bandwidth_gbs()
     print(f"device: {torch.cuda.get_device_name()}  copy {gbs:.0f} GB/s")
     batches = [1 << i for i in range(args.max_batch.bit_length()) if 1 << i <= args.max_batch]
+    header = (f"Prompt {args.prompt_len} tokens, {args.gen_len} generated, random weights in {args.dtype}, "
+              f"decode step {'replayed from a CUDA graph' if args.cuda_graph == 'on' else 'eager'}, prefill "
+              f"{args.prefill_rows or 'all'} rows at a time, SSM state in "
+              f"{args.dtype if args.ssm_state == 'weights' else 'fp32'}; measured copy bandwidth {gbs:.0f} GB/s "
+              f"(floor_ms = weight bytes / bandwidth).\n\n")
     rows = []
+
+    def save(unfinished: set | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The tables so far (after every row: a run stopped by a time limit keeps what it measured)."""
+        df = add_ratios(pd.DataFrame(rows))
+        summary = summarize(df, unfinished)
+        bench_report.write(df, args.out, "bench_generate", "ssdbench.bench_generate", argv, header=header)
+        bench_report.write(summary, args.out, "bench_generate_summary", "ssdbench.bench_generate", argv,
+                           header=header)
+        return df, summary
+
     for size in args.sizes:
         for arch in args.models:
             try:
@@ -281,24 +303,20 @@ def main(argv: list[str] | None = None) -> int:
                 return measure(m, batch, args.prompt_len, args.gen_len, args.repeats, args.cuda_graph == "on",
                                args.prefill_rows or None, dtype if args.ssm_state == "weights" else None)
 
+            def on_row(row, key=(arch, size)):
+                rows.append(row)
+                save({key})
+
             print(f"{arch} {size}: {model.num_params() / 1e6:.0f}M parameters, weight floor {floor_ms:.3f} ms a step")
-            rows.extend(sweep(model, arch, size, batches, measure_fn, floor_ms))
+            sweep(model, arch, size, batches, measure_fn, floor_ms, on_row=on_row)
             del model
             _free()
-    df = add_ratios(pd.DataFrame(rows))
-    summary = summarize(df)
+    df, summary = save()
     device = torch.cuda.get_device_name()
     bench_report.print_table(df, f"generation: prompt {args.prompt_len}, {args.gen_len} generated, "
                                  f"{args.dtype}, {device}")
     if not summary.empty:
         bench_report.print_table(summary, "best batch of each model")
-    header = (f"Prompt {args.prompt_len} tokens, {args.gen_len} generated, random weights in {args.dtype}, "
-              f"decode step {'replayed from a CUDA graph' if args.cuda_graph == 'on' else 'eager'}, prefill "
-              f"{args.prefill_rows or 'all'} rows at a time, SSM state in "
-              f"{args.dtype if args.ssm_state == 'weights' else 'fp32'}; measured copy bandwidth {gbs:.0f} GB/s "
-              f"(floor_ms = weight bytes / bandwidth).\n\n")
-    bench_report.write(df, args.out, "bench_generate", "ssdbench.bench_generate", argv, header=header)
-    bench_report.write(summary, args.out, "bench_generate_summary", "ssdbench.bench_generate", argv, header=header)
     if args.out is not None:
         plot(df, args.out / "bench_generate.png")
     return 0

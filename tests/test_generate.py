@@ -483,8 +483,10 @@ def test_bench_generate_sweep_stops_at_oom_and_reports_ratios(tmp_path):
     tpp = bg.sweep(model, "transformerpp", "125m", [1, 2, 4, 8, 16], fake(lambda b: 100.0 * b, oom_at=8), 0.05)
     assert [r["status"] for r in tpp] == ["ok", "ok", "ok", "OOM"]  # stops at the first OOM
     assert tpp[0]["floor_ms"] == 0.05 and tpp[0]["step_over_floor"] == pytest.approx(10.0 / 128 / 0.05)
+    seen = []  # on_row sees each row as it is measured (the benchmark writes its tables there)
     m2 = bg.sweep(model, "mamba2", "125m", [1, 2, 4, 8, 16], fake(lambda b: 150.0 * b if b < 16 else 1000.0,
-                                                                 fail_at=2))
+                                                                 fail_at=2), on_row=seen.append)
+    assert seen == m2
     assert [r["status"][:6] for r in m2] == ["ok", "failed", "ok", "ok", "ok"]  # a failure does not stop it
     df = bg.add_ratios(pd.DataFrame(tpp + m2))
     m2_rows = df[df.model == "mamba2"].set_index("batch")
@@ -495,5 +497,34 @@ def test_bench_generate_sweep_stops_at_oom_and_reports_ratios(tmp_path):
     assert s.loc["mamba2", "best_batch"] == 8 and s.loc["mamba2", "max_batch"] == 16
     assert s.loc["transformerpp", "stopped_by"] == "out of memory" and s.loc["mamba2", "stopped_by"] == "--max-batch"
     assert s.loc["mamba2", "best_vs_tpp_best"] == pytest.approx(1200.0 / 400.0)
+    partial = bg.summarize(df, unfinished={("mamba2", "125m")}).set_index("model")  # a sweep still running
+    assert partial.loc["mamba2", "stopped_by"] == "unfinished" and partial.loc["transformerpp", "stopped_by"] == "out of memory"
     bg.plot(df, tmp_path / "throughput.png")
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_bench_generate_keeps_its_rows_when_stopped(tmp_path, monkeypatch):
+    """The benchmark writes its tables after every row: a run stopped mid-sweep (a time limit's
+    signal, here KeyboardInterrupt at mamba2's batch 4) leaves every row measured before it, with
+    the running sweep marked unfinished. GPU-only pieces are replaced by CPU stand-ins."""
+    from ssdbench import bench_generate as bg
+    from ssdbench import bench_report
+
+    monkeypatch.setattr(bench_report, "require_cuda", lambda name: None)
+    monkeypatch.setattr(bg, "copy_bandwidth_gbs", lambda: 1000.0)
+    monkeypatch.setattr(bg, "build_model", lambda arch, size, device, dtype: TINY[arch]())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu stand-in")
+
+    def measure(model, batch, *args):
+        if model.arch == "mamba2" and batch == 4:
+            raise KeyboardInterrupt  # what the time limit does to the real run
+        return dict(prefill_ms=1.0, decode_ms=10.0, step_ms=0.1, decode_tok_s=100.0 * batch, state_mb=1.0,
+                    peak_mem_gb=1.0)
+
+    monkeypatch.setattr(bg, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        bg.main(["--models", "transformerpp", "mamba2", "--sizes", "125m", "--max-batch", "8", "--out", str(tmp_path)])
+    df = pd.read_csv(tmp_path / "bench_generate.csv")
+    assert list(zip(df.model, df.batch)) == [("transformerpp", b) for b in (1, 2, 4, 8)] + [("mamba2", 1), ("mamba2", 2)]
+    summary = pd.read_csv(tmp_path / "bench_generate_summary.csv").set_index("model")
+    assert summary.loc["mamba2", "stopped_by"] == "unfinished" and summary.loc["transformerpp", "stopped_by"] == "--max-batch"
