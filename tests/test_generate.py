@@ -161,6 +161,8 @@ def test_half_precision_ssm_state(name, limit, steps=4):
     model = tiny(name)
     prompt = torch.randint(0, V, (2, 6))
     half, full = Decoder(model, 2, 12, ssm_dtype=torch.float16), Decoder(model, 2, 12)
+    with pytest.raises(ValueError, match="ssm_dtype"):
+        Decoder(model, 2, 12, ssm_dtype=torch.int32)
     ssm = [state[1] for state in half.state]  # (conv_state, ssm_state) per layer
     assert all(t.dtype == torch.float16 for t in ssm) and all(t.dtype == torch.float64 for t in half.state[0][:1])
     torch.testing.assert_close(half.prefill(prompt), full.prefill(prompt), msg=with_seed(seed))  # the parallel path

@@ -18,7 +18,7 @@ def ssm_state_dtype(dtype: torch.dtype, ssm_dtype: torch.dtype | None = None) ->
     if ssm_dtype is None:
         return torch.float64 if dtype == torch.float64 else torch.float32
     if ssm_dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"ssm state dtype: expected a float dtype, got {ssm_dtype}")
+        raise ValueError(f"ssm_dtype: expected float64/float32/bfloat16/float16, got {ssm_dtype}")
     return ssm_dtype
 
 
