@@ -224,32 +224,50 @@ def _config(d: int, bwd: bool) -> tuple[int, int]:
 
 
 @triton.jit
-def _rms_norm_rows_kernel(x_ptr, w_ptr, o_ptr, d, s_x, s_o, eps, BLOCK: tl.constexpr):
-    """One row: out = x / sqrt(mean(x^2) + eps) * w, in fp32, stored in out's dtype."""
-    r = tl.program_id(0)
+def _rms_norm_rows_kernel(x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr, d, s_x, s_r, s_o, s_sum, eps,
+                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: out = x / sqrt(mean(x^2) + eps) * w, in fp32, stored in out's dtype. With a
+    residual r: x <- x + r first, rounded to x's dtype (as PyTorch's x + r) and stored in sum."""
+    row = tl.program_id(0)
     c = tl.arange(0, BLOCK)  # (BLOCK,)
     m = c < d
-    x = tl.load(x_ptr + r * s_x + c, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * s_x + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(r_ptr + row * s_r + c, mask=m, other=0.0).to(tl.float32)
+        x_rounded = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * s_sum + c, x_rounded, mask=m)
+        x = x_rounded.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps)
     w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + r * s_o + c, (x * rstd * w).to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(o_ptr + row * s_o + c, (x * rstd * w).to(o_ptr.dtype.element_ty), mask=m)
 
 
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None):
     """The plain (ungated) RMSNorm of ``models.layers.RMSNorm`` as one kernel, forward only:
     x (rows, d) with a unit column stride, weight (d,) -> (rows, d) in x's dtype. For the decode
     step, where the PyTorch form's eight small kernels (casts, square, mean, rsqrt, products)
-    are eight launches per norm in the step's graph; training keeps the differentiable form."""
+    are eight launches per norm in the step's graph; training keeps the differentiable form.
+
+    ``residual`` (rows, d), x's dtype: norm the sum s = x + residual instead and return
+    (norm(s), s), s rounded to x's dtype as PyTorch's ``x + residual`` is: the decode step's
+    residual add folded into the next norm (one launch fewer per add)."""
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],):
         raise ValueError(f"x: expected (rows, d) with a unit column stride and weight (d,), got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype):
+        raise ValueError(f"residual: expected {x.dtype} {tuple(x.shape)} with a unit column stride, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
     if x.shape[1] > _MAX_WIDTH:
         raise ValueError(f"d={x.shape[1]}: rows wider than {_MAX_WIDTH} do not fit one program")
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # (rows, d)
+    total = torch.empty_like(out) if residual is not None else out  # (rows, d) x + residual
+    r = residual if residual is not None else x
     BLOCK = triton.next_power_of_2(x.shape[1])
-    _rms_norm_rows_kernel[(x.shape[0],)](x, weight, out, x.shape[1], x.stride(0), out.stride(0), float(eps),
-                                         BLOCK=BLOCK, num_warps=4 if BLOCK <= 2048 else 8)
-    return out
+    _rms_norm_rows_kernel[(x.shape[0],)](x, r, weight, out, total, x.shape[1], x.stride(0), r.stride(0),
+                                         out.stride(0), total.stride(0), float(eps),
+                                         HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
+                                         num_warps=4 if BLOCK <= 2048 else 8)
+    return out if residual is None else (out, total)
 
 
 def gated_rms_norm_ref(x, z, weight, eps=1e-5, group_size=None):

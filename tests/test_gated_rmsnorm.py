@@ -183,6 +183,28 @@ def test_rms_norm_rows_matches_the_layer(poison, dtype, d, rows=5):
     assert err < ROWS_TOL[dtype], f"relative error {err:.3g} (limit {ROWS_TOL[dtype]:.3g})"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+@pytest.mark.parametrize("d", [64, 100])
+def test_rms_norm_rows_with_residual(poison, dtype, d, rows=5):
+    """The decode step's residual add folded into the norm: the sum equals PyTorch's x + r bit
+    for bit (one rounding to the dtype), and the norm is the layer's norm of that sum."""
+    from ssdbench.models.layers import RMSNorm
+    from ssdbench.kernels.gated_rmsnorm import rms_norm_rows
+
+    layer = RMSNorm(d).to(DEVICE)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x = (3 * torch.randn(rows, 2 * d, device=DEVICE)).to(dtype)[:, :d]  # (rows, d), strided rows
+    r = torch.randn(rows, d, device=DEVICE).to(dtype)  # (rows, d)
+    y, total = rms_norm_rows(x, layer.weight, layer.eps, residual=r)
+    assert torch.equal(total, x + r), "the sum is not PyTorch's x + r"
+    err = rel_err(y, layer.double()((x + r).double()))
+    assert err < ROWS_TOL[dtype], f"relative error {err:.3g} (limit {ROWS_TOL[dtype]:.3g})"
+    y2, total2 = layer.step(x.cpu(), r.cpu())  # the layer's step off the GPU: the same pair
+    assert torch.equal(total2, (x + r).cpu())
+    assert rel_err(y2, y.cpu()) < ROWS_TOL[dtype]
+
+
 @pytest.mark.no_triton
 def test_rms_norm_rows_rejects_bad_shapes():
     from ssdbench.kernels.gated_rmsnorm import rms_norm_rows
@@ -191,3 +213,5 @@ def test_rms_norm_rows_rejects_bad_shapes():
         rms_norm_rows(torch.randn(2, 3, 8), torch.ones(8))
     with pytest.raises(ValueError, match="weight"):
         rms_norm_rows(torch.randn(2, 8), torch.ones(7))
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_rows(torch.randn(2, 8), torch.ones(8), residual=torch.randn(2, 8, dtype=torch.float64))

@@ -47,13 +47,17 @@ class RMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """The norm in a decoding step, x (batch, d): on the GPU one Triton kernel
         (kernels/gated_rmsnorm.py's rms_norm_rows), where forward's fp32 PyTorch is about eight
-        small kernels, each a launch of the step's CUDA graph; the same function."""
+        small kernels, each a launch of the step's CUDA graph; the same function.
+        With ``residual``: returns (norm(x + residual), x + residual), the add in the same kernel."""
         if x.is_cuda and x.dtype != torch.float64:
-            return rms_norm_rows(x, self.weight, self.eps)
-        return self(x)
+            return rms_norm_rows(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self(x)
+        x = x + residual
+        return self(x), x
 
 
 class GatedRMSNorm(RMSNorm):
