@@ -228,7 +228,8 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for arch, g in ok[ok["size"] == size].groupby("model", sort=False):
-            ax.plot(g.batch, g.decode_tok_s, marker="o", label=arch)
+            # one colour per architecture in every panel, whatever order the rows came in
+            ax.plot(g.batch, g.decode_tok_s, marker="o", label=arch, color=f"C{ARCHS.index(arch)}")
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"{size}")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(True, which="both", alpha=0.3)
