@@ -397,6 +397,9 @@ def _grid_starts(logN, logD, logL, delta, grid, k) -> np.ndarray:
 
 
 _BOUNDS = [(None, None), (None, None), (None, None), (0.0, None), (0.0, None)]
+# log A, log B, log E above this overflow a float when exponentiated: a degenerate optimum
+# (e.g. a bootstrap resample of overfitted runs whose loss rises with tokens)
+_LOG_MAX = math.log(sys.float_info.max)
 
 
 def _minimise(starts, logN, logD, logL, delta):
@@ -429,6 +432,8 @@ def fit_parametric(points: pd.DataFrame, delta: float = HUBER_DELTA, n_bootstrap
     if res is None:
         raise ScalingDataError("loss", "the parametric fit did not converge from any start")
     a, b, e, alpha, beta = res.x
+    if max(a, b, e) > _LOG_MAX:
+        raise ScalingDataError("loss", "the parametric fit diverged (a constant beyond a float's range)")
     fit = ParametricFit(math.exp(e), math.exp(a), math.exp(b), float(alpha), float(beta),
                         float(res.fun), len(points))
     for name, v in (("alpha", alpha), ("beta", beta)):
@@ -446,14 +451,14 @@ def fit_parametric(points: pd.DataFrame, delta: float = HUBER_DELTA, n_bootstrap
                 continue
             starts = np.vstack([res.x[None], _grid_starts(logN[idx], logD[idx], logL[idx], delta, grid, boot_starts)])
             r = _minimise(starts, logN[idx], logD[idx], logL[idx], delta)
-            if r is None:
+            if r is None or max(r.x[:3]) > _LOG_MAX:
                 failed += 1
                 continue
             ba, bb, be_, bal, bbe = r.x
             boots.append((math.exp(be_), math.exp(ba), math.exp(bb), bal, bbe))
         fit.boot = np.array(boots).reshape(-1, 5)
         if failed:
-            fit.notes.append(f"{failed} of {n_bootstrap} bootstrap resamples had a single size or did not converge")
+            fit.notes.append(f"{failed} of {n_bootstrap} bootstrap resamples had a single size, did not converge or diverged")
         if len(boots) >= 2:
             reps = [ParametricFit(*row).constants for row in fit.boot]
             for k in fit.constants:

@@ -82,6 +82,39 @@ def test_bootstrap_is_seeded():
     np.testing.assert_array_equal(a.boot, b.boot)
 
 
+def test_bootstrap_resample_that_diverges_is_counted_not_fatal(monkeypatch):
+    """A resample whose optimum has log A beyond a float's range (seen on a micro ladder whose
+    longest runs overfit: exp() raised OverflowError and the command died) is left out and
+    counted in the notes; the full fit and the other resamples stand."""
+    pts = grid_points(CHINCHILLA, noise=0.01, n=5)
+    real, calls = scaling._minimise, []
+
+    def minimise(*args):
+        res = real(*args)
+        calls.append(1)
+        if len(calls) == 3:  # the full fit is call 1; the second resample diverges
+            res.x = np.array([800.0, *res.x[1:]])
+        return res
+
+    monkeypatch.setattr(scaling, "_minimise", minimise)
+    fit = scaling.fit_parametric(pts, n_bootstrap=5, seed=3, n_starts=8)
+    assert len(fit.boot) == 4 and np.all(np.isfinite(fit.boot))
+    assert fit.notes == ["1 of 5 bootstrap resamples had a single size, did not converge or diverged"]
+
+
+def test_parametric_fit_that_diverges_is_a_data_error(monkeypatch):
+    real = scaling._minimise
+
+    def minimise(*args):
+        res = real(*args)
+        res.x = np.array([800.0, *res.x[1:]])
+        return res
+
+    monkeypatch.setattr(scaling, "_minimise", minimise)
+    with pytest.raises(ScalingDataError, match="diverged"):
+        scaling.fit_parametric(grid_points(CHINCHILLA, n=5), n_bootstrap=0, n_starts=8)
+
+
 def test_compute_optimal_closed_form_matches_numeric_minimum():
     """N_opt from G (C/6)^(beta/(alpha+beta)) is the minimum of L(N, C/(6N)) over N."""
     f = ParametricFit(**CHINCHILLA)
