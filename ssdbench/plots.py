@@ -303,6 +303,16 @@ def _curve_labels(df: pd.DataFrame) -> pd.Series:
     if lr in df.columns:
         varies = df.groupby(label.values)[lr].transform("nunique") > 1
         label = label.where(~varies | df[lr].isna(), label + " lr=" + df[lr].map("{:.3g}".format))
+    # Runs still sharing a label that differ in another model/task/optim key (an ablation such
+    # as model.selective=false) get that key as well; seeds keep sharing theirs.
+    keys = [c for c in df.columns if c.startswith(("config.model.", "config.task.", "config.optim."))
+            and "seed" not in c and c != lr]
+    label = label.copy()
+    for idx in label.groupby(label.values).groups.values():
+        if len(idx) > 1:
+            differ = [c for c in keys if df.loc[idx, c].astype(str).nunique() > 1]
+            for i in idx:
+                label[i] += "".join(f" {c.split('.', 2)[2]}={df.at[i, c]}" for c in differ)
     return label
 
 
@@ -322,7 +332,9 @@ def fig_training_curves(df: pd.DataFrame, root: Path, keys=("train/loss", "val/a
     names = sorted({n for n, _, _ in curves})
     colours = {n: plt.get_cmap("tab10" if len(names) <= 10 else "tab20")(i % 20)
                for i, n in enumerate(names)}
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys) + 1.8, 3.8), squeeze=False)
+    # room on the right for the legend: about 0.07 inch a character of the longest label
+    legend_w = max(1.8, 0.07 * max(len(n) for n in names) + 0.5)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys) + legend_w, 3.8), squeeze=False)
     axes = list(axes[0])
     for ax, k in zip(axes, keys):
         seen = set()
@@ -346,7 +358,7 @@ def fig_training_curves(df: pd.DataFrame, root: Path, keys=("train/loss", "val/a
                 handles.append(h)
                 labels.append(lab)
     fig.suptitle("training curves")
-    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5.2 * len(keys) + 1.8), 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend_w / (5.2 * len(keys) + legend_w), 1))
     fig.legend(handles, labels, loc="center right", fontsize="small", title="run")
     return fig, None
 

@@ -156,6 +156,19 @@ def test_curve_labels_name_state_width_and_rate_where_they_vary(tmp_path):
                                              "mamba2 N=64 d=64 lr=0.001", "mamba2 N=64 d=64 lr=0.001"]
 
 
+def test_curve_labels_name_an_ablation_key_that_alone_tells_runs_apart(tmp_path):
+    """S6 and its LTI ablation (model.selective) at the same width and rate: two labels, not
+    one shared colour; a seed still shares its run's label."""
+    for name, selective, seed in (("a", True, False), ("b", False, False), ("c", False, True)):
+        run = _write(tmp_path, name, "mamba1", 64, {256: 0.5}, state=64 * 16, seed=seed)
+        r = rec.read_record(run / rec.RECORD_NAME)
+        r["config"]["model"]["selective"] = selective
+        rec.write_record(run, r)
+    df = _ok_records(tmp_path).sort_values("run").reset_index(drop=True)
+    assert list(plots._curve_labels(df)) == ["mamba1 d=64 selective=True", "mamba1 d=64 selective=False",
+                                             "mamba1 d=64 selective=False"]
+
+
 def test_state_sweep_at_one_width_is_one_line_per_model(tmp_path):
     """Figure 8 at one width: Mamba-2 at N=16/64/256 is one model whose line runs over the
     state size (N is the x axis there, not a separate line), so the state figure is drawn."""
