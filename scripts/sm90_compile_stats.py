@@ -4,6 +4,12 @@ loads by width in the PTX.
 
     python scripts/sm90_compile_stats.py conv_g [--row 3352]      # conv backward g-kernel
     python scripts/sm90_compile_stats.py ssd_dc                    # SSD dC kernel, 125M Mamba-2 shape
+    python scripts/sm90_compile_stats.py scan_bwd                  # selective scan's walk backward
+
+scan_bwd: every (BLOCK_D, num_warps) of the autotune list at N = 16 and 64, with the SASS
+instruction mix (whole kernel, its KB-step sub-block unrolled once): exps (MUFU), FMAs,
+cross-lane shuffles (SHFL, the reductions over N and over the program's channels), barriers,
+the dB/dC atomics (REDG), local-memory spills (LDL/STL).
 
 conv_g: the x row stride of Mamba-2 125M training (3352) passed as the launcher passes it
 (divided by its power-of-two factor, the factor a constexpr) and raw, as before session 7
@@ -13,6 +19,7 @@ ssd_dc: one C B^T group shared by all heads (USE_CB), atomic head split, bf16, p
 machine's (3.6): counts are a guide; results/h100/session7 has the ncu view.
 """
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -24,15 +31,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ssdbench.kernels import causal_conv1d as cc
+from ssdbench.kernels import selective_scan as ss
 from ssdbench.kernels import ssd_triton as st
 from ssdbench.kernels.triton_util import pow2_factor
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_stats(jit, consts: dict, ptr_types: dict, div16: set, num_warps: int, num_stages: int = 2) -> dict:
+SASS_OPS = ("MUFU", "FFMA", "FMUL", "FADD", "SHFL", "BAR", "REDG", "ATOMG", "LDG", "STG", "LDS", "STS", "LDL", "STL")
+
+
+def compile_stats(jit, consts: dict, ptr_types: dict, div16: set, num_warps: int, num_stages: int = 2,
+                  sass: bool = False) -> dict:
     """Compile jit for sm_90a: pointer arguments 16-byte aligned, integer arguments in div16
-    marked multiples of 16 (as Triton specialises them at launch), the rest plain."""
+    marked multiples of 16 (as Triton specialises them at launch), the rest plain. With sass,
+    also the count of each SASS opcode of SASS_OPS in the cubin (nvdisasm)."""
     sig, attrs = {}, {}
     for i, (name, p) in enumerate(zip(jit.arg_names, jit.params)):
         if p.is_constexpr:
@@ -54,8 +67,9 @@ def compile_stats(jit, consts: dict, ptr_types: dict, div16: set, num_warps: int
     out = {"global loads": loads}
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
+    cubin = f.name[:-4] + ".cubin"
     for ptxas in ("ptxas", "ptxas-blackwell"):  # the one whose PTX version matches this triton
-        res = subprocess.run([os.path.join(BIN, ptxas), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+        res = subprocess.run([os.path.join(BIN, ptxas), "-arch=sm_90a", "-v", f.name, "-o", cubin],
                              capture_output=True, text=True)
         text = res.stdout + res.stderr
         regs = re.search(r"Used (\d+) registers", text)
@@ -63,6 +77,11 @@ def compile_stats(jit, consts: dict, ptr_types: dict, div16: set, num_warps: int
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
             out.update(registers=int(regs.group(1)), spill_store_bytes=int(spill.group(1)) if spill else 0)
             break
+    if sass and regs:
+        dis = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+        ops = collections.Counter(m.group(1).split(".")[0] for m in
+                                  re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", dis))
+        out["sass"] = {k: ops[k] for k in SASS_OPS if ops[k]}
     return out
 
 
@@ -90,11 +109,28 @@ def ssd_dc() -> None:
               compile_stats(st._ssd_chunk_bwd_dc, consts, ptrs, div16, cfg.num_warps, cfg.num_stages))
 
 
+def scan_bwd() -> None:
+    bf16 = {"u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
+    jit = ss._selective_scan_bwd_walk_kernel
+    ptrs = {n: "*bf16" if n in bf16 else "*i32" if n == "seq_ptr" else "*fp32"
+            for n in jit.arg_names if n.endswith("_ptr")}
+    div16 = {"DIM", "L", "SEG", "s_ub", "s_ud", "s_db", "s_dd", "s_zb", "s_zd", "s_ob", "s_od", "s_cb", "s_cg",
+             "s_cl", "s_sb", "s_sd", "s_sc", "s_lb", "s_ls", "s_ld", "s_xb", "s_xs", "s_xj", "s_xn"}
+    for N in (16, 64):
+        for block_d, nw in ss._bwd_walk_candidates(N):
+            consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ=False, HAS_LAM=False,
+                          IDX64=False, BLOCK_D=block_d, NP=triton.next_power_of_2(N), KB=ss._BWD_KB,
+                          BLOCK_T=ss._GPU_BLOCK_T)
+            print(f"N={N} BLOCK_D={block_d} num_warps={nw}:", compile_stats(jit, consts, ptrs, div16, nw, 1, sass=True))
+
+
+TARGETS = {"conv_g": None, "ssd_dc": ssd_dc, "scan_bwd": scan_bwd}
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kernel", choices=["conv_g", "ssd_dc"])
+    ap.add_argument("kernel", choices=list(TARGETS))
     ap.add_argument("--row", type=int, default=3352, help="conv_g: the x row stride")
     a = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90a, compiled on {os.uname().machine} (no GPU)")
-    conv_g(a.row) if a.kernel == "conv_g" else ssd_dc()
+    conv_g(a.row) if a.kernel == "conv_g" else TARGETS[a.kernel]()
     sys.exit(0)
