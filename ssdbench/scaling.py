@@ -149,6 +149,23 @@ def load_points(source: Path, loss_key: str = LOSS_KEY, params: str = "non_embed
     return points_from_records(df, loss_key, params, flops)
 
 
+def select_points(points: pd.DataFrame, where: str) -> pd.DataFrame:
+    """The points matching a pandas expression (``DataFrame.eval``) over their columns; one
+    that does not parse, names no column, is not a filter or keeps nothing is a ScalingDataError."""
+    try:
+        mask = points.eval(where)
+    except Exception as e:  # pandas raises SyntaxError, UndefinedVariableError, ValueError, ...
+        why = " ".join(str(e).split())  # one line
+        raise ScalingDataError("--where", f"cannot apply {where!r}: {why} "
+                                          f"(columns: {', '.join(points.columns)})") from None
+    if not (isinstance(mask, pd.Series) and mask.dtype == bool):
+        raise ScalingDataError("--where", f"{where!r} is not a filter of the points (not true or false per point)")
+    keep = points[mask]
+    if keep.empty:
+        raise ScalingDataError("--where", f"{where!r} keeps none of the {len(points)} points")
+    return keep.reset_index(drop=True)
+
+
 def check_points(points: pd.DataFrame) -> pd.DataFrame:
     """Every value present, finite and positive; else ScalingDataError naming the first bad run."""
     if points.empty:
@@ -576,6 +593,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which parameter count is N (records only; default non_embedding)")
     p.add_argument("--flops", choices=("exact", "6nd"), default="exact",
                    help="FLOPs of approaches 1 and 2 (records only): the per-architecture count or 6ND")
+    p.add_argument("--where", default=None, metavar="EXPR",
+                   help="keep only the points matching this pandas query over their columns run, model, "
+                        "params, tokens, flops, loss (e.g. \"tokens <= 2e7\" to leave out runs that repeat "
+                        "a small corpus too often)")
     p.add_argument("--tolerance", type=float, default=BUDGET_TOLERANCE,
                    help="runs whose FLOPs agree within this fraction share a budget (default 0.1)")
     p.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP, help="bootstrap resamples of approach 3 (0: none)")
@@ -596,6 +617,8 @@ def main(args: argparse.Namespace) -> int:
         if args.budgets and any(not (b > 0) for b in args.budgets):
             raise ScalingDataError("--budgets", "FLOP budgets must be positive")
         points = load_points(args.source, args.loss_key, args.params, args.flops)
+        if args.where:
+            points = select_points(points, args.where)
     except ScalingDataError as e:
         print(f"ssdbench fit-scaling: {e}", file=sys.stderr)
         return 2
@@ -645,14 +668,15 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     consts.to_csv(out / "scaling_constants.csv", index=False)
     optimal.to_csv(out / "scaling_optimal.csv", index=False)
-    md = ["# Scaling fits", "", f"Source: `{args.source}`, {len(points)} runs; loss `{args.loss_key}`, "
+    kept = f" (those matching `{args.where}`)" if args.where else ""
+    md = ["# Scaling fits", "", f"Source: `{args.source}`, {len(points)} runs{kept}; loss `{args.loss_key}`, "
           f"N = {args.params} parameters, approach 1/2 FLOPs: {flops_unit}; approach 3 budgets: 6ND.", "",
           "## Fitted constants (95 % intervals)", "", consts.to_markdown(index=False, floatfmt=".4g"), "",
           "## Compute-optimal allocation", "", optimal.to_markdown(index=False, floatfmt=".4g"), ""]
     if problems:
         md += ["## Fits not made", ""] + [f"- {p}" for p in problems] + [""]
     (out / "scaling.md").write_text("\n".join(md))
-    settings = dict(source=str(args.source), loss_key=args.loss_key, params=args.params, flops=args.flops,
+    settings = dict(source=str(args.source), where=args.where, loss_key=args.loss_key, params=args.params, flops=args.flops,
                     tolerance=args.tolerance, bootstrap=args.bootstrap, seed=args.seed,
                     huber_delta=HUBER_DELTA, approaches=list(approaches), budgets=list(budgets))
     doc = _finite(fits_to_json(fits, settings, problems))

@@ -238,6 +238,35 @@ def test_cli_reports_degenerate_input_in_one_line(tmp_path, capsys):
     assert "loss: " in capsys.readouterr().err
 
 
+def test_cli_where_keeps_the_matching_points(tmp_path, capsys):
+    """--where drops points by a pandas query (here the second model and every run past a token
+    count) before fitting; the outputs say which points were kept."""
+    pts = pd.concat([isoflop_points(CHINCHILLA).assign(model="chin"),
+                     isoflop_points(EPOCH).assign(model="epoch")])
+    src = tmp_path / "runs.csv"
+    pts[["model", "params", "tokens", "loss"]].to_csv(src, index=False)
+    cap = float(pts.tokens.median())
+    out = tmp_path / "fit"
+    where = f"model == 'chin' and tokens <= {cap}"
+    assert cli.main(["fit-scaling", str(src), "--where", where, "--approach", "1", "3", "--bootstrap", "0",
+                     "--out", str(out)]) == 0
+    n = int(((pts.model == "chin") & (pts.tokens <= cap)).sum())
+    assert 5 <= n < len(pts) / 2
+    assert f"{n} runs (those matching `{where}`)" in (out / "scaling.md").read_text()
+    doc = json.loads((out / "scaling_fit.json").read_text())
+    assert set(doc["models"]) == {"chin"} and doc["settings"]["where"] == where
+
+
+@pytest.mark.parametrize("where, words", [("tokens <=", "cannot apply"), ("steps > 3", "cannot apply"),
+                                          ("tokens < 0", "keeps none of the"), ("tokens * 2", "not a filter")])
+def test_cli_where_that_cannot_select_is_one_line_and_exit_2(tmp_path, capsys, where, words):
+    src = tmp_path / "runs.csv"
+    isoflop_points(CHINCHILLA)[["params", "tokens", "loss"]].to_csv(src, index=False)
+    assert cli.main(["fit-scaling", str(src), "--where", where]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--where" in err and words in err, err
+
+
 # --------------------------------------------------------------------------- records, table view
 
 def write_scaling_records(root, models=("mamba2", "transformerpp"), budgets=(1e15, 1e16, 1e17),
