@@ -594,9 +594,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops", choices=("exact", "6nd"), default="exact",
                    help="FLOPs of approaches 1 and 2 (records only): the per-architecture count or 6ND")
     p.add_argument("--where", default=None, metavar="EXPR",
-                   help="keep only the points matching this pandas query over their columns run, model, "
-                        "params, tokens, flops, loss (e.g. \"tokens <= 2e7\" to leave out runs that repeat "
-                        "a small corpus too often)")
+                   help="keep only the points for which this pandas expression (DataFrame.eval) over their "
+                        "columns run, model, params, tokens, flops, loss is true (e.g. \"tokens <= 2e7\" to leave "
+                        "out runs that repeat a small corpus too often)")
     p.add_argument("--tolerance", type=float, default=BUDGET_TOLERANCE,
                    help="runs whose FLOPs agree within this fraction share a budget (default 0.1)")
     p.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP, help="bootstrap resamples of approach 3 (0: none)")

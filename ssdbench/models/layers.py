@@ -47,16 +47,18 @@ class RMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
-    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """The norm in a decoding step, x (batch, d): on the GPU one Triton kernel
-        (kernels/gated_rmsnorm.py's rms_norm_rows), where forward's fp32 PyTorch is about eight
-        small kernels, each a launch of the step's CUDA graph; the same function.
-        With ``residual``: returns (norm(x + residual), x + residual), the add in the same kernel."""
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm in a decoding step, x (batch, d), with the residual stream's pending add:
+        returns (norm(s), s) for s = x + residual (s = x when residual is None). On the GPU one
+        Triton kernel (kernels/gated_rmsnorm.py's rms_norm_rows) does the add and the norm, where
+        forward's fp32 PyTorch is about eight small kernels, each a launch of the step's CUDA
+        graph, and the add one more; the same function."""
         if x.is_cuda and x.dtype != torch.float64:
+            if residual is None:
+                return rms_norm_rows(x, self.weight, self.eps), x
             return rms_norm_rows(x, self.weight, self.eps, residual)
-        if residual is None:
-            return self(x)
-        x = x + residual
+        if residual is not None:
+            x = x + residual
         return self(x), x
 
 

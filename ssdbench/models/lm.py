@@ -146,7 +146,7 @@ class Block(nn.Module):
         x + pending (pending None: x); returns (x', y, state) with the block's output x' + y.
         LanguageModel.step chains blocks this way, so each add runs inside the next norm's kernel
         on the GPU (RMSNorm.step with a residual): one launch fewer per add in the decode step."""
-        h, x = self.norm1.step(x, pending) if pending is not None else (self.norm1.step(x), x)
+        h, x = self.norm1.step(x, pending)
         y, state = self.mixer.step(h, state)
         if self.mlp is not None:
             h, x = self.norm2.step(x, y)
@@ -310,7 +310,7 @@ class LanguageModel(nn.Module):
         for layer, s in zip(self.layers, state):
             x, y, s = layer.step_deferred(x, y, s)
             new_state.append(s)
-        h = self.norm_f.step(x, y)[0] if y is not None else self.norm_f.step(x)
+        h, _ = self.norm_f.step(x, y)
         logits = F.linear(h, self.embedding.weight)[..., : self.vocab_size]
         return logits, new_state
 
