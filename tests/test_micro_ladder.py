@@ -1,0 +1,46 @@
+"""The micro ladder's size table (conf/experiment/micro_ladder.yaml): every rung builds for every
+architecture, its non-embedding parameter count doubles from rung to rung (so that the diagonals
+of the sweep share a 6ND budget, which fit-scaling's IsoFLOP grouping relies on), and the
+architectures stay close at each rung."""
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+import ssdbench.train  # noqa: F401  (registers the config resolvers)
+
+ARCHS = ("transformerpp", "mamba2", "mamba1", "based")
+SMALL = ("250k", "500k", "1m", "2m", "3m", "6m")  # the larger rungs cost seconds each to build on a CPU
+
+
+def _non_embedding(arch: str, size: str) -> int:
+    GlobalHydra.instance().clear()
+    with initialize_config_module("ssdbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment=micro_ladder_{arch}", f"ladder.size={size}"])
+    return instantiate(cfg.model).num_params(non_embedding=True)
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return {(a, s): _non_embedding(a, s) for a in ARCHS for s in SMALL}
+
+
+def test_every_rung_is_in_the_table():
+    GlobalHydra.instance().clear()
+    with initialize_config_module("ssdbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=micro_ladder_transformerpp"])
+    assert list(cfg.ladder.sizes)[: len(SMALL)] == list(SMALL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rungs_roughly_double(counts, arch):
+    for small, large in zip(SMALL, SMALL[1:]):
+        ratio = counts[arch, large] / counts[arch, small]
+        assert 1.6 < ratio < 2.5, (arch, small, large, ratio)
+
+
+@pytest.mark.parametrize("size", SMALL)
+def test_architectures_close_at_each_rung(counts, size):
+    ref = counts["transformerpp", size]
+    for arch in ARCHS:
+        assert 0.7 < counts[arch, size] / ref < 1.35, (arch, size, counts[arch, size], ref)
