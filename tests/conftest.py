@@ -184,3 +184,11 @@ def fresh_seed():
 def with_seed(seed):
     """A msg callable for torch.testing.assert_close that puts the seed in front."""
     return lambda msg: f"seed={seed}: {msg}"
+
+
+def compose_config(*overrides: str):
+    """The run config that `ssdbench run OVERRIDES` composes (ssdbench.conf), without running it."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("ssdbench.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))

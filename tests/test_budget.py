@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
+from conftest import compose_config
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -32,11 +33,6 @@ TINY = {
     "selective_copying": ["task.seq_len=64", "task.num_train_examples=16", "task.num_test_examples=4"],
     "selective_copying_small": ["task.num_train_examples=16", "task.num_test_examples=4"],
 }
-
-
-def _compose(*overrides):
-    with initialize_config_module("ssdbench.conf", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 # ----------------------------------------------------------------------------- the knob
@@ -66,7 +62,7 @@ def test_scaled_counts_and_intervals():
 def test_protocol_presets_compose_validate_and_build(name):
     """Each protocol preset states the paper's budget, passes its checks, and its model and
     task build (tiny sizes) and run one training batch on the CPU."""
-    cfg = _compose(f"experiment={name}", "model=transformerpp", "model.d_model=16", *TINY[name])
+    cfg = compose_config(f"experiment={name}", "model=transformerpp", "model.d_model=16", *TINY[name])
     paper = OmegaConf.to_container(cfg.paper, resolve=True)
     assert set(budget.PAPER_KEYS) <= set(paper)
     assert paper["tokens"] == paper["steps"] * paper["batch_size"] * paper["seq_len"]
@@ -91,39 +87,39 @@ def test_paper_budgets_as_documented():
         "selective_copying_small": (400_000, 64, 256, 6_553_600_000),
     }
     for name, (steps, batch, T, tokens) in expect.items():
-        cfg = _compose(f"experiment={name}")
+        cfg = compose_config(f"experiment={name}")
         p = cfg.paper
         assert (p.steps, p.batch_size, p.seq_len, p.tokens) == (steps, batch, T, tokens), name
         assert cfg.task.batch_size == batch
-    fig8 = {T: _compose("experiment=mqar_fig8", f"task.seq_len={T}").paper for T in (512, 1024)}
+    fig8 = {T: compose_config("experiment=mqar_fig8", f"task.seq_len={T}").paper for T in (512, 1024)}
     assert (fig8[512].steps, fig8[512].batch_size, fig8[512].tokens) == (16384, 512, 2**32)
     assert (fig8[1024].steps, fig8[1024].batch_size, fig8[1024].tokens) == (32768, 256, 2**33)
 
 
 def test_protocol_optimizers_follow_the_papers():
-    fig8 = _compose("experiment=mqar_fig8")
+    fig8 = compose_config("experiment=mqar_fig8")
     assert (fig8.optim.schedule, fig8.optim.min_lr_ratio, fig8.optim.warmup_steps) == ("linear", 0.125, 0)
     assert (fig8.optim.weight_decay, list(fig8.optim.betas), fig8.trainer.gradient_clip_val) == \
         (0.1, [0.9, 0.999], None)  # Zoology's optimizer
     for name in ("induction_heads", "selective_copying"):
-        o = _compose(f"experiment={name}").optim
+        o = compose_config(f"experiment={name}").optim
         assert (o.schedule, o.weight_decay, o.warmup_steps) == ("constant", 0.0, 0), name
-    assert _compose("experiment=induction_heads").optim.lr == 1e-3
-    assert _compose("experiment=selective_copying").optim.lr == 1e-4
-    assert _compose("experiment=induction_heads").task.fresh_data is True
+    assert compose_config("experiment=induction_heads").optim.lr == 1e-3
+    assert compose_config("experiment=selective_copying").optim.lr == 1e-4
+    assert compose_config("experiment=induction_heads").task.fresh_data is True
 
 
 def test_budget_scales_steps_examples_and_intervals():
-    full = _compose("experiment=mqar_fig8")
-    eighth = _compose("experiment=mqar_fig8", "budget=1/8")
+    full = compose_config("experiment=mqar_fig8")
+    eighth = compose_config("experiment=mqar_fig8", "budget=1/8")
     assert (full.trainer.max_steps, eighth.trainer.max_steps) == (8192, 1024)
     assert (full.trainer.val_check_interval, eighth.trainer.val_check_interval) == (1024, 128)
     # the curriculum keeps its 8 passes: each dataset shrinks with the budget, the batch does not
     assert [s.num_examples for s in eighth.task.train_segments] == [2**15] * 4
     assert eighth.task.batch_size == full.task.batch_size == 1024
-    tiny = _compose("experiment=induction_heads", "budget=0.00001")
+    tiny = compose_config("experiment=induction_heads", "budget=0.00001")
     assert tiny.trainer.max_steps == 2 and tiny.trainer.val_check_interval == 1
-    sc = _compose("experiment=selective_copying", "budget=0.01")
+    sc = compose_config("experiment=selective_copying", "budget=0.01")
     assert (sc.trainer.max_steps, sc.trainer.val_check_interval) == (4000, 200)
     # runs at different budgets are different runs (the override is part of the run name)
     with initialize_config_module("ssdbench.conf", version_base="1.3"):
@@ -134,17 +130,17 @@ def test_budget_scales_steps_examples_and_intervals():
 def test_budget_cut_batch_keeps_the_steps_and_cuts_the_batch():
     """budget_cut=batch: all of the paper's steps at a fraction of its batch (the same tokens as
     budget_cut=steps); the curriculum's datasets shrink with the batch, so it keeps its 8 passes."""
-    cfg = _compose("experiment=mqar_fig8", "budget=1/8", "budget_cut=batch")
+    cfg = compose_config("experiment=mqar_fig8", "budget=1/8", "budget_cut=batch")
     budget.check_budget(cfg)
     assert (cfg.task.batch_size, cfg.trainer.max_steps, cfg.trainer.val_check_interval) == (128, 8192, 1024)
     assert [s.num_examples for s in cfg.task.train_segments] == [2**15] * 4
     r = budget.record_fields(cfg, tokens_seen=8192 * 128 * 256)
     assert (r["cut"], r["steps_fraction"], r["tokens_fraction"]) == ("batch", 1.0, 0.125)
-    assert budget.record_fields(_compose("experiment=mqar_fig8", "budget=1/8"))["cut"] == "steps"
-    ih = _compose("experiment=induction_heads", "budget=1/8", "budget_cut=batch")
+    assert budget.record_fields(compose_config("experiment=mqar_fig8", "budget=1/8"))["cut"] == "steps"
+    ih = compose_config("experiment=induction_heads", "budget=1/8", "budget_cut=batch")
     # an epoch is still 8,192 steps: its examples follow the batch run
     assert (ih.task.batch_size, ih.trainer.max_steps, ih.task.num_train_examples) == (1, 204800, 8192)
-    sc = _compose("experiment=selective_copying_small", "budget=1/64", "budget_cut=batch")
+    sc = compose_config("experiment=selective_copying_small", "budget=1/64", "budget_cut=batch")
     assert (sc.task.batch_size, sc.trainer.max_steps) == (1, 400_000)
     # an unreadable cut resolves to None, left to check_budget to report
     assert budget.cut_if(8, "1/2", "sideways", "steps") is None
@@ -158,17 +154,17 @@ def test_budget_cut_batch_keeps_the_steps_and_cuts_the_batch():
 ])
 def test_bad_budget_cut_is_a_config_error(overrides, key, needle):
     with pytest.raises(ConfigError, match=f"^{key}: ") as e:
-        _check_run_options(_compose(*overrides))
+        _check_run_options(compose_config(*overrides))
     assert needle in str(e.value)
 
 
 def test_presets_outside_the_protocols_have_no_budget():
     for name in ("mqar_fig8_quick", "mqar_tiny"):
-        cfg = _compose(f"experiment={name}")
+        cfg = compose_config(f"experiment={name}")
         assert cfg.budget is None and cfg.paper is None
         budget.check_budget(cfg)
         assert budget.record_fields(cfg) is None
-    quick = _compose("experiment=mqar_fig8_quick")
+    quick = compose_config("experiment=mqar_fig8_quick")
     # it keeps the settings of the committed H100 results
     assert (quick.trainer.max_steps, quick.task.batch_size, quick.optim.schedule) == (1000, 64, "cosine")
     assert (quick.trainer.gradient_clip_val, list(quick.optim.betas), quick.optim.warmup_steps) == \
@@ -181,34 +177,34 @@ def test_presets_outside_the_protocols_have_no_budget():
                                           ("1.5", "budget_over_paper=true"), ("abc", "such as 0.125 or 1/8"),
                                           ("true", "such as 0.125 or 1/8")])
 def test_bad_budget_is_a_config_error(value, needle):
-    cfg = _compose("experiment=induction_heads", f"budget={value}")
+    cfg = compose_config("experiment=induction_heads", f"budget={value}")
     with pytest.raises(ConfigError, match="^budget: ") as e:
         _check_run_options(cfg)  # before anything reads trainer.max_steps
     assert needle in str(e.value)
 
 
 def test_budget_over_paper_needs_saying_so():
-    cfg = _compose("experiment=induction_heads", "budget=1.5", "budget_over_paper=true")
+    cfg = compose_config("experiment=induction_heads", "budget=1.5", "budget_over_paper=true")
     budget.check_budget(cfg)
     assert cfg.trainer.max_steps == 307200
     assert budget.record_fields(cfg)["over_paper"] is True
     with pytest.raises(ConfigError, match="budget_over_paper"):
-        budget.check_budget(_compose("experiment=induction_heads", "budget_over_paper=maybe"))
+        budget.check_budget(compose_config("experiment=induction_heads", "budget_over_paper=maybe"))
 
 
 def test_budget_without_a_paper_and_incomplete_paper_blocks():
     with pytest.raises(ConfigError, match="^budget: .*no paper block"):
-        budget.check_budget(_compose("budget=0.5"))
+        budget.check_budget(compose_config("budget=0.5"))
     with pytest.raises(ConfigError, match="^paper.steps: "):
-        budget.check_budget(_compose("experiment=selective_copying", "paper.steps=0"))
+        budget.check_budget(compose_config("experiment=selective_copying", "paper.steps=0"))
     with pytest.raises(ConfigError, match="^paper.source: "):
-        budget.check_budget(_compose("experiment=selective_copying", "paper.source=''"))
+        budget.check_budget(compose_config("experiment=selective_copying", "paper.source=''"))
 
 
 # ----------------------------------------------------------------------------- record, table, figures
 
 def test_record_fields():
-    cfg = _compose("experiment=mqar_fig8", "budget=1/8", "task.seq_len=512")
+    cfg = compose_config("experiment=mqar_fig8", "budget=1/8", "task.seq_len=512")
     r = budget.record_fields(cfg, tokens_seen=2**29)
     assert (r["fraction"], r["label"], r["over_paper"]) == (0.125, "1/8", False)
     assert (r["steps"], r["steps_fraction"]) == (2048, 0.125)
@@ -217,12 +213,12 @@ def test_record_fields():
     assert r["tokens_fraction"] == 0.125
     json.dumps(r)  # goes into record.json as it is
     # an explicit trainer.max_steps moves the run off the knob: the record says what ran
-    moved = budget.record_fields(_compose("experiment=mqar_fig8", "trainer.max_steps=100"))
+    moved = budget.record_fields(compose_config("experiment=mqar_fig8", "trainer.max_steps=100"))
     assert moved["fraction"] == 1.0 and moved["steps_fraction"] == 100 / 8192
 
 
 def _write_record(root, name, cfg_overrides, tokens_seen, acc, d_model=64):
-    cfg = _compose(*cfg_overrides)
+    cfg = compose_config(*cfg_overrides)
     run = root / name
     r = {k: None for k in rec.REQUIRED_KEYS}
     r.update(schema=rec.SCHEMA_VERSION, status="ok", run_dir=str(run), params={"total": 1000},

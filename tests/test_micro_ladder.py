@@ -3,8 +3,7 @@ architecture, its non-embedding parameter count doubles from rung to rung (so th
 of the sweep share a 6ND budget, which fit-scaling's IsoFLOP grouping relies on), and the
 architectures stay close at each rung."""
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 from hydra.utils import instantiate
 
 import ssdbench.train  # noqa: F401  (registers the config resolvers)
@@ -14,9 +13,7 @@ SMALL = ("250k", "500k", "1m", "2m", "3m", "6m")  # the larger rungs cost second
 
 
 def _non_embedding(arch: str, size: str) -> int:
-    GlobalHydra.instance().clear()
-    with initialize_config_module("ssdbench.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment=micro_ladder_{arch}", f"ladder.size={size}"])
+    cfg = compose_config(f"experiment=micro_ladder_{arch}", f"ladder.size={size}")
     return instantiate(cfg.model).num_params(non_embedding=True)
 
 
@@ -26,9 +23,7 @@ def counts():
 
 
 def test_every_rung_is_in_the_table():
-    GlobalHydra.instance().clear()
-    with initialize_config_module("ssdbench.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=micro_ladder_transformerpp"])
+    cfg = compose_config("experiment=micro_ladder_transformerpp")
     assert list(cfg.ladder.sizes)[: len(SMALL)] == list(SMALL)
 
 
