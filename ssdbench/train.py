@@ -315,6 +315,9 @@ def _check_run_options(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}", f"must be a positive integer, got {v!r}")
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
+    ladder = cfg.get("ladder")  # the micro ladder's presets read width and depth from its size table
+    if ladder is not None and str(ladder.get("size")) not in ladder.get("sizes", {}):
+        raise ConfigError("ladder.size", f"unknown size {ladder.get('size')!r}; one of {', '.join(ladder.get('sizes', {}))}")
     if not isinstance(cfg.trainer.get("gather_labels", True), bool):
         raise ConfigError("trainer.gather_labels", f"must be true or false, got {cfg.trainer.gather_labels!r}")
 

@@ -39,3 +39,14 @@ def test_architectures_close_at_each_rung(counts, size):
     ref = counts["transformerpp", size]
     for arch in ARCHS:
         assert 0.7 < counts[arch, size] / ref < 1.35, (arch, size, counts[arch, size], ref)
+
+
+def test_unknown_size_is_one_config_error_naming_ladder_size():
+    """A size not in the table fails before anything is built (it used to end in Hydra's
+    interpolation traceback from the model's constructor)."""
+    from ssdbench.errors import ConfigError
+    from ssdbench.train import _check_run_options
+
+    _check_run_options(compose_config("experiment=micro_ladder_mamba2", "ladder.size=250k"))
+    with pytest.raises(ConfigError, match=r"ladder\.size.*'300k'.*250k, 500k, 1m"):
+        _check_run_options(compose_config("experiment=micro_ladder_mamba2", "ladder.size=300k"))
